@@ -1,0 +1,59 @@
+"""``fastft info``: versions, and for each op which backends can run here and why not."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+
+import torch
+
+import fastft
+from fastft.ops import _cuda
+
+# op name -> (module, function building the reasons for typical inputs on a device)
+OPS = {
+    "linear_cross_entropy": "fastft.ops.linear_cross_entropy",
+}
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.import_module(name).__version__
+    except Exception as err:  # noqa: BLE001 - any failure to import is reported as such
+        return f"not available ({type(err).__name__}: {err})"
+
+
+def _typical_inputs(device: torch.device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.empty(8, 64, device=device, dtype=dtype), torch.empty(32, 64, device=device, dtype=dtype)
+
+
+def report() -> str:
+    lines = [f"fastft {fastft.__version__}", f"python {platform.python_version()} ({platform.machine()})"]
+    for name in ("torch", "triton", "transformers", "datasets", "peft"):
+        lines.append(f"{name} {_version(name)}")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    lines.append(f"device: {torch.cuda.get_device_name() if cuda else 'cpu (no CUDA GPU visible)'}")
+    build = _cuda.build_info()
+    if _cuda.load_error() is None:
+        lines.append(f"CUDA extension: loaded (archs {';'.join(build.get('archs', []))}, {build.get('nvcc', '?')})")
+    else:
+        lines.append(f"CUDA extension: {_cuda.load_error()}")
+    lines.append("")
+    lines.append(f"backends for {device.type} inputs (auto takes the first 'yes' in priority order):")
+    for op_name, module_name in OPS.items():
+        module = importlib.import_module(module_name)
+        reasons = module.backend_reasons(*_typical_inputs(device))
+        lines.append(f"  {op_name}:")
+        for backend in module.PRIORITY:
+            why = reasons[backend]()
+            lines.append(f"    {backend:<7} {'yes' if not why else 'no: ' + '; '.join(why)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="fastft info", description=__doc__).parse_args(argv)
+    print(report())
+    return 0
