@@ -50,12 +50,13 @@ def choose_backend(
     requested: str,
     reasons: dict[str, Callable[[], list[str]]],
     priority: Sequence[str],
+    device: torch.device,
 ) -> str:
     """Return the backend to run ``op_name`` with, or raise ``ValueError`` listing why none can.
 
     ``reasons`` maps each backend name to a zero-argument function returning the reasons
-    that backend cannot run the current inputs. CPU inputs always get ``torch`` under
-    ``auto`` because ``priority`` callers list ``torch`` last and the others refuse CPU.
+    that backend cannot run the current inputs. Under ``auto``, inputs on ``device`` CPU
+    always get ``torch`` (the Triton interpreter is for testing, never a default).
     """
     if requested == "auto":
         requested = os.environ.get("FASTFT_BACKEND", "auto").strip().lower() or "auto"
@@ -66,6 +67,8 @@ def choose_backend(
         if refusal:
             raise ValueError(f"{op_name}: backend={requested!r} cannot run these inputs: " + "; ".join(refusal))
         return requested
+    if device.type == "cpu":
+        return "torch"
     collected = {}
     for name in priority:
         refusal = reasons[name]()

@@ -39,9 +39,10 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "backend_reasons"
 REDUCTIONS = ("mean", "sum", "none")
 # Measured fastest first (benchmarks/NOTES.md); CPU inputs fall through to torch.
 PRIORITY = ("cuda", "triton", "torch")
-# The torch backend processes at most this many logits (fp32) at once: 16M * 4 B = 64 MiB,
-# bounded by a constant, never by tokens x vocab.
-CHUNK_LOGITS = 1 << 24
+# The torch backend processes at most this many logits (fp32) at once: 4M * 4 B = 16 MiB,
+# bounded by a constant, never by tokens x vocab. Still hundreds of rows per GEMM at BERT's
+# vocabulary (137 rows x 30522), enough to keep a CPU's matmul efficient.
+CHUNK_LOGITS = 1 << 22
 
 
 # --------------------------------------------------------------------------- reference
@@ -388,7 +389,7 @@ def linear_cross_entropy(
             these inputs (the message lists its reasons).
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing)
-    chosen = choose_backend("linear_cross_entropy", backend, backend_reasons(hidden, weight), PRIORITY)
+    chosen = choose_backend("linear_cross_entropy", backend, backend_reasons(hidden, weight), PRIORITY, hidden.device)
     tracking = torch.is_grad_enabled()
     grad_mask = [tracking and hidden.requires_grad, tracking and weight.requires_grad,
                  tracking and bias is not None and bias.requires_grad]

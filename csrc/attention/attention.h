@@ -1,0 +1,62 @@
+// Host-side interface of the FlashAttention-2 style kernels (Dao 2023,
+// "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning").
+//
+// Layout: q (B, Hq, Sq, D), k / v (B, Hkv, Sk, D) with the last dimension contiguous and
+// any batch / head / sequence strides (in elements). Grouped-query attention maps query
+// head h to key/value head h / (Hq / Hkv). All pointers are device pointers; every check
+// on them happens in fastft/ops/_cuda.py before they get here.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastft {
+namespace attention {
+
+struct Strides {  // element strides of a (B, H, S, D) tensor; the D stride is 1
+  int64_t batch = 0, head = 0, seq = 0;
+};
+
+struct ForwardParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;                     // (B, Hq, Sq, D), same dtype as q
+  float* lse = nullptr;                    // (B, Hq, Sq) contiguous fp32, natural log
+  const uint8_t* key_padding_mask = nullptr;  // (B, Sk) bytes, nonzero = attend; nullptr = none
+  int64_t mask_batch_stride = 0;
+  Strides q_strides, k_strides, v_strides, out_strides;
+  int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
+  bool causal = false;  // top-left aligned: query i attends keys j <= i
+  float softmax_scale = 1.f;
+  int dtype = 0;  // fastft::DType
+};
+
+struct BackwardParams {
+  const void* grad_out = nullptr;  // (B, Hq, Sq, D)
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* out = nullptr;
+  const float* lse = nullptr;      // (B, Hq, Sq) contiguous, from the forward pass
+  float* delta = nullptr;          // (B, Hq, Sq) contiguous scratch: rowsum(dO * O)
+  float* grad_q_accum = nullptr;   // (B, Hq, Sq, D) contiguous fp32, zero-initialised
+  void* grad_q = nullptr;          // (B, Hq, Sq, D) contiguous, dtype of q
+  void* grad_k = nullptr;          // (B, Hkv, Sk, D), dtype of q
+  void* grad_v = nullptr;          // (B, Hkv, Sk, D), dtype of q
+  const uint8_t* key_padding_mask = nullptr;
+  int64_t mask_batch_stride = 0;
+  Strides grad_out_strides, q_strides, k_strides, v_strides, out_strides, grad_k_strides, grad_v_strides;
+  int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
+  bool causal = false;
+  float softmax_scale = 1.f;
+  int dtype = 0;
+};
+
+// Both throw std::runtime_error on an unsupported dtype / head_dim or a failed launch.
+void run_forward(const ForwardParams& params, cudaStream_t stream);
+void run_backward(const BackwardParams& params, cudaStream_t stream);
+
+}  // namespace attention
+}  // namespace fastft

@@ -1,0 +1,381 @@
+// FlashAttention-2 backward pass (Dao 2023, Algorithm 2) on sm_80+ tensor cores.
+//
+// Three launches:
+//   1. delta = rowsum(dO * O)   (B, Hq, Sq) fp32: the "D_i" of the paper, which turns the
+//      softmax Jacobian-vector product into dS = P * (dP - delta) without a row reduction
+//      inside the main loop.
+//   2. One thread block per (batch, key/value head, kBlockN = 64 keys). It holds K and V of
+//      its keys in shared memory and dK, dV in registers (each of the 4 warps owns 16 keys),
+//      and walks every query block of every query head of its group (GQA: dK and dV are
+//      sums over the group, so they are accumulated in registers and written once):
+//         S^T  = K Q^T                      P^T = exp(scale * S^T - lse)   (recomputed)
+//         dV  += P^T dO                     dP^T = V dO^T
+//         dS^T = P^T * (dP^T - delta)       dK  += dS^T Q
+//         dQ  += dS K                       (fp32 atomicAdd into a (B, Hq, Sq, D) buffer)
+//   3. dQ = softmax_scale * dQ_accum, converted to the input dtype.
+//
+// Why atomics for dQ rather than a separate dQ kernel: a separate kernel looping over key
+// blocks per query block would recompute S = Q K^T, P and dP = dO V^T (3 of the 5 matrix
+// products of the backward pass, i.e. ~60% more tensor-core work) plus re-read K and V.
+// The atomic adds cost an fp32 (B, Hq, Sq, D) buffer, one red.global.add per dQ element
+// per key block, and a summation order that is not deterministic run to run; the paper
+// (section 3.1.2 / Algorithm 2) makes the same choice.
+//
+// Scaling: with Z = scale * Q K^T, dZ = P * (dP - delta); dQ = scale * dZ K and
+// dK = scale * dZ^T Q. The kernel accumulates dZ products and applies `scale` once, when
+// dK is written and when dQ is converted.
+#include "attention/attention.h"
+#include "attention/mma_utils.cuh"
+#include "common.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace fastft {
+namespace attention {
+namespace {
+
+constexpr int kBlockN = 64;  // keys per thread block (16 per warp)
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e)
+
+static_assert(kBlockN == kWarps * 16, "each warp owns 16 keys");
+
+// Queries per inner step. With head_dim 128 the dK and dV accumulators already take 128
+// fp32 registers per thread, so the query step shrinks to 32 to keep S^T and dP^T small.
+template <int kHeadDim> constexpr int backward_block_m() { return kHeadDim >= 128 ? 32 : 64; }
+
+template <int kHeadDim, typename T>
+constexpr int backward_smem_bytes() {
+  constexpr int kBlockM = backward_block_m<kHeadDim>();
+  return (2 * kBlockN * (kHeadDim + 8) + 2 * kBlockM * (kHeadDim + 8) + kBlockN * (kBlockM + 8)) * int(sizeof(T)) +
+         2 * kBlockM * int(sizeof(float));
+}
+
+// ----------------------------------------------------------------------------- 1. delta
+
+// One warp per query row: delta = sum_d dO[d] * O[d] in fp32.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+attention_backward_delta_kernel(const BackwardParams p) {
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t batch = row / (int64_t(p.heads_q) * p.seqlen_q);
+  const int64_t head = (row / p.seqlen_q) % p.heads_q;
+  const int64_t query = row % p.seqlen_q;
+  const T* grad_out = static_cast<const T*>(p.grad_out) + batch * p.grad_out_strides.batch +
+                      head * p.grad_out_strides.head + query * p.grad_out_strides.seq;
+  const T* out = static_cast<const T*>(p.out) + batch * p.out_strides.batch + head * p.out_strides.head +
+                 query * p.out_strides.seq;
+  float sum = 0.f;
+  for (int d = lane; d < p.head_dim; d += 32) sum += to_float(grad_out[d]) * to_float(out[d]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (lane == 0) p.delta[row] = sum;  // delta is contiguous (B, Hq, Sq)
+}
+
+// ----------------------------------------------------------------------------- 2. dK, dV, dQ
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kThreads)
+attention_backward_kernel(const BackwardParams p) {
+  constexpr int kBlockM = backward_block_m<kHeadDim>();
+  constexpr int kStride = kHeadDim + 8;  // +16 bytes per row: conflict-free ldmatrix
+  constexpr int kStrideDs = kBlockM + 8;
+  // dQ work split: (kBlockM / 16) row groups of 16 queries x kHeadDim columns over 4 warps.
+  constexpr int kRowGroups = kBlockM / 16;
+  constexpr int kPartsPerRowGroup = kWarps / kRowGroups;
+  constexpr int kDqTiles = kHeadDim / 8 / kPartsPerRowGroup;  // 8-column tiles per warp
+  static_assert(kWarps % kRowGroups == 0 && kDqTiles % 2 == 0, "dQ tiles split evenly over warps");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem_k = reinterpret_cast<T*>(smem_raw);            // (kBlockN, kStride)
+  T* smem_v = smem_k + kBlockN * kStride;                // (kBlockN, kStride)
+  T* smem_q = smem_v + kBlockN * kStride;                // (kBlockM, kStride)
+  T* smem_do = smem_q + kBlockM * kStride;               // (kBlockM, kStride)
+  T* smem_ds = smem_do + kBlockM * kStride;              // (kBlockN, kStrideDs): dS^T, [key][query]
+  float* smem_lse2 = reinterpret_cast<float*>(smem_ds + kBlockN * kStrideDs);  // (kBlockM,)
+  float* smem_delta = smem_lse2 + kBlockM;               // (kBlockM,)
+
+  const int n_block = blockIdx.x;
+  const int head_kv = blockIdx.y;
+  const int batch = blockIdx.z;
+  const int group_size = p.heads_q / p.heads_kv;
+  const int n_start = n_block * kBlockN;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = lane / 4, quad_lane = lane % 4;
+
+  const T* k = static_cast<const T*>(p.k) + batch * p.k_strides.batch + head_kv * p.k_strides.head;
+  const T* v = static_cast<const T*>(p.v) + batch * p.v_strides.batch + head_kv * p.v_strides.head;
+  T* grad_k = static_cast<T*>(p.grad_k) + batch * p.grad_k_strides.batch + head_kv * p.grad_k_strides.head;
+  T* grad_v = static_cast<T*>(p.grad_v) + batch * p.grad_v_strides.batch + head_kv * p.grad_v_strides.head;
+
+  load_tile_async<T, kBlockN, kHeadDim, kThreads>(smem_k, kStride, k, p.k_strides.seq, n_start, p.seqlen_k);
+  load_tile_async<T, kBlockN, kHeadDim, kThreads>(smem_v, kStride, v, p.v_strides.seq, n_start, p.seqlen_k);
+  cp_async_commit();
+
+  // This thread's two keys (accumulator rows `group` and `group + 8` of its warp) are fixed
+  // for the whole block: fold "past the end" and the padding mask into one flag each.
+  int key_index[2];
+  bool key_allowed[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    key_index[r] = n_start + warp * 16 + group + r * 8;
+    key_allowed[r] = key_index[r] < p.seqlen_k &&
+                     (p.key_padding_mask == nullptr ||
+                      p.key_padding_mask[batch * p.mask_batch_stride + key_index[r]] != 0);
+  }
+
+  float dk_acc[kHeadDim / 8][4], dv_acc[kHeadDim / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < kHeadDim / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[nt][e] = dv_acc[nt][e] = 0.f;
+
+  const float scale_log2 = p.softmax_scale * kLog2e;  // exp(scale * s) = exp2(s * scale_log2)
+  // Causal: query i sees key j only when i >= j, so query blocks that end before this key
+  // block starts contribute nothing and are skipped.
+  const int m_first = p.causal ? (n_start / kBlockM) * kBlockM : 0;
+
+  for (int head = head_kv * group_size; head < (head_kv + 1) * group_size; ++head) {
+    const T* q = static_cast<const T*>(p.q) + batch * p.q_strides.batch + head * p.q_strides.head;
+    const T* grad_out =
+        static_cast<const T*>(p.grad_out) + batch * p.grad_out_strides.batch + head * p.grad_out_strides.head;
+    const int64_t row_offset = (int64_t(batch) * p.heads_q + head) * p.seqlen_q;  // into (B, Hq, Sq)
+    const float* lse = p.lse + row_offset;
+    const float* delta = p.delta + row_offset;
+    float* grad_q_accum = p.grad_q_accum + row_offset * kHeadDim;
+
+    for (int m_start = m_first; m_start < p.seqlen_q; m_start += kBlockM) {
+      load_tile_async<T, kBlockM, kHeadDim, kThreads>(smem_q, kStride, q, p.q_strides.seq, m_start, p.seqlen_q);
+      load_tile_async<T, kBlockM, kHeadDim, kThreads>(smem_do, kStride, grad_out, p.grad_out_strides.seq, m_start,
+                                                      p.seqlen_q);
+      cp_async_commit();
+      if (threadIdx.x < kBlockM) {
+        // lse in the log2 domain. Rows past the end and rows that attended no key
+        // (lse = -inf) get +inf, so that exp2(s2 - lse2) = 0 for them instead of NaN.
+        const int query = m_start + threadIdx.x;
+        const float row_lse = query < p.seqlen_q ? lse[query] : -INFINITY;
+        smem_lse2[threadIdx.x] = row_lse == -INFINITY ? INFINITY : row_lse * kLog2e;
+        smem_delta[threadIdx.x] = query < p.seqlen_q ? delta[query] : 0.f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+
+      // S^T = K Q^T for this warp's 16 keys x kBlockM queries.
+      float s[kBlockM / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+        uint32_t a[4];
+        load_a(a, smem_k, kStride, warp * 16, ks * 16);
+#pragma unroll
+        for (int np = 0; np < kBlockM / 16; ++np) {
+          uint32_t b[4];
+          load_b(b, smem_q, kStride, np * 16, ks * 16);
+          mma_16x8x16<T>(s[2 * np], a, b[0], b[1]);
+          mma_16x8x16<T>(s[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+
+      // P^T = exp2(s * scale * log2(e) - lse * log2(e)) = exp(scale * s - lse): the
+      // forward probabilities recomputed from the saved log-sum-exp. Masked entries are 0.
+      const bool causal_block = p.causal && n_start + kBlockN - 1 > m_start;
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int query_local = nt * 8 + quad_lane * 2 + (e & 1);
+          const int r = e / 2;
+          const bool allowed = key_allowed[r] && (!causal_block || key_index[r] <= m_start + query_local);
+          s[nt][e] = allowed ? exp2f(s[nt][e] * scale_log2 - smem_lse2[query_local]) : 0.f;
+        }
+      }
+
+      // dV += P^T dO: P^T (keys x queries) is already in the A layout (C of two tiles).
+#pragma unroll
+      for (int ks = 0; ks < kBlockM / 16; ++ks) {
+        const uint32_t a[4] = {pack2<T>(s[2 * ks][0], s[2 * ks][1]), pack2<T>(s[2 * ks][2], s[2 * ks][3]),
+                               pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                               pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+#pragma unroll
+        for (int np = 0; np < kHeadDim / 16; ++np) {
+          uint32_t b[4];
+          load_b_trans(b, smem_do, kStride, ks * 16, np * 16);
+          mma_16x8x16<T>(dv_acc[2 * np], a, b[0], b[1]);
+          mma_16x8x16<T>(dv_acc[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+
+      // dP^T = V dO^T for this warp's 16 keys x kBlockM queries.
+      float dp[kBlockM / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[nt][e] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+        uint32_t a[4];
+        load_a(a, smem_v, kStride, warp * 16, ks * 16);
+#pragma unroll
+        for (int np = 0; np < kBlockM / 16; ++np) {
+          uint32_t b[4];
+          load_b(b, smem_do, kStride, np * 16, ks * 16);
+          mma_16x8x16<T>(dp[2 * np], a, b[0], b[1]);
+          mma_16x8x16<T>(dp[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+
+      // dS^T = P^T * (dP^T - delta): the softmax backward, row by row of P (= column of P^T).
+#pragma unroll
+      for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - smem_delta[nt * 8 + quad_lane * 2 + (e & 1)]);
+
+      // dK += dS^T Q, and dS^T to shared memory (16-bit) for dQ = dS K below.
+#pragma unroll
+      for (int ks = 0; ks < kBlockM / 16; ++ks) {
+        const uint32_t a[4] = {pack2<T>(dp[2 * ks][0], dp[2 * ks][1]), pack2<T>(dp[2 * ks][2], dp[2 * ks][3]),
+                               pack2<T>(dp[2 * ks + 1][0], dp[2 * ks + 1][1]),
+                               pack2<T>(dp[2 * ks + 1][2], dp[2 * ks + 1][3])};
+        const int row = warp * 16 + group;
+        *reinterpret_cast<uint32_t*>(smem_ds + row * kStrideDs + (2 * ks) * 8 + quad_lane * 2) = a[0];
+        *reinterpret_cast<uint32_t*>(smem_ds + (row + 8) * kStrideDs + (2 * ks) * 8 + quad_lane * 2) = a[1];
+        *reinterpret_cast<uint32_t*>(smem_ds + row * kStrideDs + (2 * ks + 1) * 8 + quad_lane * 2) = a[2];
+        *reinterpret_cast<uint32_t*>(smem_ds + (row + 8) * kStrideDs + (2 * ks + 1) * 8 + quad_lane * 2) = a[3];
+#pragma unroll
+        for (int np = 0; np < kHeadDim / 16; ++np) {
+          uint32_t b[4];
+          load_b_trans(b, smem_q, kStride, ks * 16, np * 16);
+          mma_16x8x16<T>(dk_acc[2 * np], a, b[0], b[1]);
+          mma_16x8x16<T>(dk_acc[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+      __syncthreads();  // dS^T of all 4 warps (all 64 keys) is in shared memory
+
+      // dQ (kBlockM x kHeadDim) += dS (kBlockM x 64 keys) K (64 keys x kHeadDim). Warp
+      // `warp` takes 16 query rows and kDqTiles * 8 columns; dS is read transposed from
+      // its [key][query] storage.
+      {
+        const int row_group = warp % kRowGroups;
+        const int col0 = (warp / kRowGroups) * kDqTiles * 8;
+        float dq[kDqTiles][4];
+#pragma unroll
+        for (int nt = 0; nt < kDqTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dq[nt][e] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < kBlockN / 16; ++ks) {
+          uint32_t a[4];
+          load_a_trans(a, smem_ds, kStrideDs, ks * 16, row_group * 16);
+#pragma unroll
+          for (int np = 0; np < kDqTiles / 2; ++np) {
+            uint32_t b[4];
+            load_b_trans(b, smem_k, kStride, ks * 16, col0 + np * 16);
+            mma_16x8x16<T>(dq[2 * np], a, b[0], b[1]);
+            mma_16x8x16<T>(dq[2 * np + 1], a, b[2], b[3]);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int query = m_start + row_group * 16 + group + r * 8;
+          if (query < p.seqlen_q) {
+            float* dst = grad_q_accum + int64_t(query) * kHeadDim + col0 + quad_lane * 2;
+#pragma unroll
+            for (int nt = 0; nt < kDqTiles; ++nt) {
+              atomicAdd(dst + nt * 8, dq[nt][2 * r]);
+              atomicAdd(dst + nt * 8 + 1, dq[nt][2 * r + 1]);
+            }
+          }
+        }
+      }
+      __syncthreads();  // Q, dO, dS^T buffers are overwritten by the next step
+    }
+  }
+
+  // Epilogue: dK = scale * dZ^T Q and dV through shared memory, 16-byte coalesced stores.
+  cp_async_wait<0>();  // K/V copies are still in flight if no query block was visited
+  __syncthreads();
+  store_acc_to_smem<T, kHeadDim>(smem_k, kStride, warp * 16, dk_acc, p.softmax_scale, p.softmax_scale);
+  store_acc_to_smem<T, kHeadDim>(smem_v, kStride, warp * 16, dv_acc, 1.f, 1.f);
+  __syncthreads();
+  store_tile<T, kBlockN, kHeadDim, kThreads>(grad_k, p.grad_k_strides.seq, smem_k, kStride, n_start, p.seqlen_k);
+  store_tile<T, kBlockN, kHeadDim, kThreads>(grad_v, p.grad_v_strides.seq, smem_v, kStride, n_start, p.seqlen_k);
+}
+
+// ----------------------------------------------------------------------------- 3. dQ
+
+template <typename T>
+__global__ void __launch_bounds__(256)
+attention_backward_convert_dq_kernel(const float* grad_q_accum, T* grad_q, int64_t numel, float scale) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += int64_t(gridDim.x) * blockDim.x) {
+    grad_q[i] = from_float<T>(grad_q_accum[i] * scale);
+  }
+}
+
+// ----------------------------------------------------------------------------- launchers
+
+template <typename T, int kHeadDim>
+void launch_backward(const BackwardParams& p, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  attention_backward_delta_kernel<T><<<unsigned((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+  check_launch("attention_backward (delta)");
+
+  if (p.seqlen_k > 0) {
+    constexpr int kSmemBytes = backward_smem_bytes<kHeadDim, T>();
+    auto kernel = attention_backward_kernel<T, kHeadDim>;
+    if (kSmemBytes > 48 * 1024) {  // above the default limit a kernel must opt in
+      const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+      if (err != cudaSuccess) {
+        throw std::runtime_error(std::string("attention_backward: cannot raise the shared-memory limit to ") +
+                                 std::to_string(kSmemBytes) + " bytes: " + cudaGetErrorString(err));
+      }
+    }
+    const dim3 grid((p.seqlen_k + kBlockN - 1) / kBlockN, p.heads_kv, p.batch);
+    kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+    check_launch("attention_backward (dk, dv, dq)");
+  }
+
+  const int64_t numel = rows * p.head_dim;
+  const int64_t blocks = (numel + 255) / 256;
+  const unsigned grid = unsigned(blocks < 65536 ? blocks : 65536);  // grid-stride beyond that
+  attention_backward_convert_dq_kernel<T>
+      <<<grid, 256, 0, stream>>>(p.grad_q_accum, static_cast<T*>(p.grad_q), numel, p.softmax_scale);
+  check_launch("attention_backward (convert dq)");
+}
+
+template <typename T>
+void dispatch_head_dim(const BackwardParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch_backward<T, 64>(p, stream);
+    case 128: return launch_backward<T, 128>(p, stream);
+    default: throw std::runtime_error("attention_backward: head_dim " + std::to_string(p.head_dim) +
+                                      " is not supported (64 or 128)");
+  }
+}
+
+}  // namespace
+
+void run_backward(const BackwardParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads_q == 0 || p.seqlen_q == 0) {
+    // No query: dQ is empty, and dK / dV are zero (the caller allocates them zeroed).
+    return;
+  }
+  switch (p.dtype) {
+    case kFloat16: return dispatch_head_dim<__half>(p, stream);
+    case kBFloat16: return dispatch_head_dim<__nv_bfloat16>(p, stream);
+    default: throw std::runtime_error("attention_backward: dtype code " + std::to_string(p.dtype) +
+                                      " is not supported (float16 or bfloat16)");
+  }
+}
+
+}  // namespace attention
+}  // namespace fastft

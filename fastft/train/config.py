@@ -1,0 +1,261 @@
+"""Run configuration: dataclasses, YAML files and ``key=value`` overrides.
+
+    run.yaml                              command line
+    --------                              ------------
+    output_dir: runs/bert-tiny            fastft pretrain --config run.yaml \\
+    objective: mlm                            optim.lr=3e-4 data.block_size=64 max_steps=100
+    max_steps: 1000
+    optim: {lr: 5.0e-4}
+    data: {train: corpus.txt, block_size: 128}
+    model: {name_or_path: bert-base-uncased, from_scratch: true,
+            config_overrides: {num_hidden_layers: 4}}
+
+Nested keys are joined with dots; values are parsed as YAML scalars (``3e-4`` -> float,
+``true`` -> bool, ``null`` -> None, ``[1, 2]`` -> list). Unknown keys raise ``KeyError``
+naming the valid ones. Python callers can pass overrides as keyword arguments:
+``optim__lr=3e-4`` (double underscore for a dot), or just ``lr=3e-4`` when the field name
+is unique across the sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OBJECTIVES = ("mlm", "clm", "mlm+nsp")
+
+
+@dataclass
+class DataConfig:
+    """Where the text is and how it becomes batches (``fastft.data``)."""
+
+    train: Any = None  # path(s) / glob / Hub name of the training documents
+    validation: Any = None  # the same for held-out documents
+    validation_fraction: float = 0.0  # when no validation set: hold out this share of train
+    text_column: str = "text"
+    txt_mode: str = "line"  # "line": a document per line; "paragraph": blank-line separated
+    split: str = "train"  # split of a Hub dataset
+    block_size: int = 128  # tokens per packed block / maximum length when padding
+    packing: bool = True  # True: fixed blocks with document boundaries; False: pad per batch
+    reset_position_ids: bool = False  # packed blocks: positions restart at each document
+    num_proc: int | None = None  # worker processes for tokenising
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    whole_word_mask: bool = False
+    nsp_probability: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (decoupled weight decay, Loshchilov & Hutter 2019)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.01  # not applied to biases and normalisation weights
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    fused: Any = "auto"  # "auto": fused kernel on CUDA; True / False to force
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate multiplier per optimizer step (``fastft.train.schedules``)."""
+
+    name: str = "linear"  # a key of fastft.train.schedules.SCHEDULES
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0: share of the total steps
+    min_lr_ratio: float = 0.0  # floor of the decay, as a share of the peak
+    options: dict = field(default_factory=dict)  # extra arguments of custom schedules
+
+
+@dataclass
+class ModelConfig:
+    """Which model to build (used by the CLI and when ``pretrain`` gets a name)."""
+
+    name_or_path: str | None = None
+    tokenizer: str | None = None  # defaults to name_or_path
+    from_scratch: bool = False  # True: random weights from the model's config
+    config_overrides: dict = field(default_factory=dict)  # e.g. {num_hidden_layers: 2}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Steps are optimizer steps; a batch is a micro-batch."""
+
+    output_dir: str = "runs/fastft"
+    objective: str = "mlm"  # "mlm" | "clm" | "mlm+nsp" (pretraining)
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available else cpu
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_steps: int | None = None  # None: run `epochs` epochs
+    epochs: int = 1
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler)
+    gradient_checkpointing: bool = False
+    fused: bool = True  # apply fastft.patch (fused attention / loss kernels)
+    eval_every: int = 0  # optimizer steps between evaluations; 0: at each epoch end
+    eval_batches: int | None = None  # None: the whole held-out set
+    eval_batch_size: int | None = None  # None: batch_size
+    early_stopping_patience: int | None = None  # evaluations without improvement
+    early_stopping_metric: str = "loss"  # lower is better
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # checkpoints kept on disk
+    resume: Any = None  # None | "auto" (latest in output_dir if any) | a checkpoint path
+    log_every: int = 10  # optimizer steps between metrics.jsonl lines
+    progress: bool = True  # tqdm bar
+    plot: bool = True  # loss / perplexity curve PNG at the end
+    export: bool = True  # save_pretrained + tokenizer into output_dir/final
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum_steps", "epochs", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+
+
+def _valid_keys(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, default: Any) -> Any:
+    """Light type fixing for values coming from YAML (``1`` for a float field, lists for tuples)."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def config_from_dict(cls, values: Mapping[str, Any] | None, *, prefix: str = ""):
+    """Build dataclass ``cls`` from a (nested) mapping.
+
+    Raises:
+        KeyError: a key that is not a field, with the list of valid keys.
+        TypeError: a mapping given for a non-dataclass field that is not a dict field,
+            or a scalar given for a section.
+    """
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise KeyError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys: {[prefix + k for k in fields]}")
+    defaults = cls()
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, Mapping):
+                raise TypeError(f"config key {prefix + name!r} is a section: give a mapping, got {value!r}")
+            kwargs[name] = config_from_dict(type(default), value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, default)
+    return cls(**kwargs)
+
+
+def _set_dotted(config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    target = config
+    for depth, part in enumerate(parts):
+        valid = _valid_keys(type(target))
+        if part not in valid:
+            where = ".".join(parts[:depth])
+            raise KeyError(f"unknown config key {dotted!r}; valid keys{' under ' + where if where else ''}: {valid}")
+        if depth == len(parts) - 1:
+            default = getattr(target, part)
+            if dataclasses.is_dataclass(default):
+                if not isinstance(value, Mapping):
+                    raise TypeError(f"config key {dotted!r} is a section: give a mapping, got {value!r}")
+                value = config_from_dict(type(default), {**dataclasses.asdict(default), **value}, prefix=dotted + ".")
+            setattr(target, part, _coerce(value, default))
+        else:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise KeyError(f"config key {'.'.join(parts[: depth + 1])!r} is not a section")
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str] | Mapping[str, Any]) -> TrainConfig:
+    """Apply ``["optim.lr=3e-4", ...]`` (values parsed as YAML) or ``{"optim.lr": 3e-4}``.
+
+    Returns a new config (the argument is not modified); checks run again afterwards.
+
+    Raises:
+        ValueError: an item without ``=``.
+        KeyError: an unknown key, naming the valid ones.
+    """
+    config = dataclasses.replace(config)
+    config = config_from_dict(type(config), dataclasses.asdict(config))  # deep copy
+    if not isinstance(overrides, Mapping):
+        parsed = {}
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"override {item!r} is not key=value")
+            parsed[key.strip()] = yaml.safe_load(text) if text.strip() else None
+        overrides = parsed
+    for key, value in overrides.items():
+        _set_dotted(config, key, value)
+    config.__post_init__()
+    return config
+
+
+def load_config(path: str | None = None, overrides: list[str] | Mapping[str, Any] = ()) -> TrainConfig:
+    """Read a YAML file into ``TrainConfig`` (defaults when ``path`` is None), then apply overrides.
+
+    Raises:
+        KeyError: unknown keys (in the file or the overrides), naming the valid ones.
+        TypeError: the file's top level is not a mapping.
+    """
+    values = {}
+    if path is not None:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, Mapping):
+            raise TypeError(f"{path}: the top level must be a mapping of config keys")
+    return apply_overrides(config_from_dict(TrainConfig, values), overrides)
+
+
+def resolve_kwarg_overrides(config: TrainConfig, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Map Python keyword overrides to dotted keys: ``optim__lr`` -> ``optim.lr``;
+    ``lr`` -> ``optim.lr`` when ``lr`` names exactly one field across the sections.
+
+    Raises:
+        KeyError: a name found nowhere or in several sections.
+    """
+    sections = {f.name for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))}
+    dotted = {}
+    for key, value in kwargs.items():
+        key = key.replace("__", ".")
+        top = key.split(".")[0]
+        if "." in key or (top in _valid_keys(type(config))):
+            dotted[key] = value
+            continue
+        owners = [s for s in sorted(sections) if key in _valid_keys(type(getattr(config, s)))]
+        if len(owners) != 1:
+            valid = _valid_keys(type(config)) + [f"{s}.{k}" for s in sorted(sections) for k in _valid_keys(type(getattr(config, s)))]
+            why = "is ambiguous between " + str(owners) if owners else "is unknown"
+            raise KeyError(f"config key {key!r} {why}; valid keys: {valid}")
+        dotted[f"{owners[0]}.{key}"] = value
+    return dotted
