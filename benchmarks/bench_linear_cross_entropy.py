@@ -1,0 +1,207 @@
+"""Benchmark: fastft.ops.linear_cross_entropy vs the implementations people would use.
+
+Side by side in one process, per (tokens, hidden, vocab, mode, pass):
+  naive                  F.cross_entropy(F.linear(h, W), y) in the input dtype (full logits)
+  torch.compile(naive)   the same, compiled (compile time excluded by warm-up)
+  F.linear_cross_entropy PyTorch's own chunked op (torch >= 2.13)
+  liger, cce             Liger-Kernel's fused linear cross-entropy, Apple's Cut Cross-Entropy
+                         (GPU only, when installed)
+  fastft[...]            fastft, `auto` plus each GPU backend that can run
+
+mode "mlm": 15% of rows labelled (BERT masking rate), "clm": every row labelled.
+Reported: median ms, peak extra memory (beyond inputs and the gradients themselves),
+speed-up over naive, and on a GPU the useful TFLOP/s as a fraction of the measured bf16
+matmul peak (useful FLOPs = 2·labelled·V·H forward, 3x that for forward+backward).
+
+    python -m benchmarks.bench_linear_cross_entropy [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import (environment, is_out_of_memory, matmul_peak_tflops, median_ms,
+                               out_dir_from_env, peak_extra_bytes, write_results)
+from fastft.ops import linear_cross_entropy, linear_cross_entropy_ref
+from fastft.ops.linear_cross_entropy import backend_reasons
+
+MLM_RATE = 0.15
+COLUMNS = ["tokens", "hidden", "vocab", "mode", "dtype", "pass", "impl", "ms", "speedup_vs_naive",
+           "peak_extra_MiB", "tflops", "frac_matmul_peak", "status"]
+
+
+def configs(device: torch.device, quick: bool):
+    """(tokens, hidden, vocab, mode) to run; the issue's targets are always included."""
+    if device.type == "cuda":
+        targets = [(8192, 4096, 128256, "clm"), (8192, 768, 30522, "mlm")]
+        if quick:
+            return targets + [(16384, 4096, 128256, "mlm"), (8192, 4096, 256000, "clm")]
+        sweep = itertools.product((4096, 16384, 65536), (768, 4096), (30522, 50304, 128256, 256000), ("mlm", "clm"))
+        return targets + [c for c in sweep if c not in targets]
+    targets = [(8192, 768, 30522, "mlm")]
+    if quick:
+        return targets + [(2048, 768, 30522, "clm")]
+    return targets + [(4096, 768, 30522, "clm"), (8192, 768, 50304, "mlm"), (4096, 768, 50304, "clm")]
+
+
+def implementations(device: torch.device, hidden: torch.Tensor, weight: torch.Tensor) -> dict:
+    def naive(h, w, y):
+        return linear_cross_entropy_ref(h, w, y, upcast=False)
+
+    impls = {"fastft": lambda h, w, y: linear_cross_entropy(h, w, y)}
+    if device.type == "cuda":
+        for backend, why in backend_reasons(hidden, weight).items():
+            if backend != "torch" and not why():
+                impls[f"fastft[{backend}]"] = lambda h, w, y, b=backend: linear_cross_entropy(h, w, y, backend=b)
+    impls["naive"] = naive
+    impls["torch.compile(naive)"] = torch.compile(naive, dynamic=False)
+    if hasattr(F, "linear_cross_entropy"):
+        impls["F.linear_cross_entropy"] = lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100)
+    if device.type == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+            impls["liger"] = lambda h, w, y: liger(w, h, y)
+        except ImportError:
+            pass
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+
+            impls["cce"] = lambda h, w, y: cce(h, w, y, ignore_index=-100)
+        except ImportError:
+            pass
+    return impls
+
+
+def measure(tokens, hidden_size, vocab, mode, device, dtype, matmul_peak) -> list[dict]:
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (tokens,), device=device)
+    if mode == "mlm":
+        labels[torch.rand(tokens, device=device) >= MLM_RATE] = -100
+    labelled = int((labels != -100).sum())
+    grad_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
+    rows, naive_ms = [], {}
+    for impl, fn in implementations(device, hidden, weight).items():
+        for pass_ in ("fwd", "fwd+bwd"):
+            def step():
+                hidden.grad = weight.grad = None
+                if pass_ == "fwd":
+                    with torch.no_grad():
+                        return fn(hidden, weight, labels)
+                fn(hidden, weight, labels).backward()
+
+            row = dict(tokens=tokens, hidden=hidden_size, vocab=vocab, mode=mode, dtype=str(dtype).split(".")[-1],
+                       impl=impl, **{"pass": pass_})
+            try:
+                ms = median_ms(step, device)
+                peak = peak_extra_bytes(step, device) - (grad_bytes if pass_ == "fwd+bwd" else 0)
+                flops = 2 * labelled * vocab * hidden_size * (3 if pass_ == "fwd+bwd" else 1)
+                row.update(ms=ms, peak_extra_MiB=max(peak, 0) / 2**20, tflops=flops / (ms * 1e-3) / 1e12, status="ok")
+                if matmul_peak:
+                    row["frac_matmul_peak"] = row["tflops"] / matmul_peak
+                if impl == "naive":
+                    naive_ms[pass_] = ms
+            except Exception as err:  # noqa: BLE001 - one failing implementation must not stop the sweep
+                if not is_out_of_memory(err) and impl.startswith("fastft"):
+                    raise
+                row["status"] = "OOM" if is_out_of_memory(err) else f"error: {type(err).__name__}: {err}"[:120]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    for row in rows:
+        if row.get("ms") and naive_ms.get(row["pass"]):
+            row["speedup_vs_naive"] = naive_ms[row["pass"]] / row["ms"]
+    return rows
+
+
+def check_targets(rows: list[dict], device: torch.device) -> list[str]:
+    """The issue's targets, checked on the measured rows (printed; never asserted in tests)."""
+    def find(impl, tokens, hidden, vocab, mode):
+        for row in rows:
+            if (row["impl"], row["tokens"], row["hidden"], row["vocab"], row["mode"], row["pass"]) == (
+                    impl, tokens, hidden, vocab, mode, "fwd+bwd") and row.get("ms"):
+                return row
+        return None
+
+    lines = []
+    if device.type == "cpu":
+        ours, naive, torch_op = (find(i, 8192, 768, 30522, "mlm") for i in ("fastft", "naive", "F.linear_cross_entropy"))
+        if ours and naive:
+            lines.append(f"CPU mlm 8192x768x30522 fp32 fwd+bwd: {naive['ms'] / ours['ms']:.2f}x vs naive (target >= 3), "
+                         f"peak extra {ours['peak_extra_MiB']:.0f} MiB vs naive {naive['peak_extra_MiB']:.0f} MiB "
+                         f"= {ours['peak_extra_MiB'] / max(naive['peak_extra_MiB'], 1e-9):.3f} (target <= 0.1)")
+        if ours and torch_op:
+            lines.append(f"  vs F.linear_cross_entropy: {torch_op['ms'] / ours['ms']:.2f}x (target >= 3)")
+    else:
+        ours = find("fastft", 8192, 4096, 128256, "clm")
+        if ours:
+            for ref in ("naive", "liger", "cce"):
+                other = find(ref, 8192, 4096, 128256, "clm")
+                if other:
+                    lines.append(f"GPU clm 8192x4096x128256 bf16 fwd+bwd: {other['ms'] / ours['ms']:.2f}x vs {ref}, "
+                                 f"peak extra {ours['peak_extra_MiB']:.0f} MiB vs {other['peak_extra_MiB']:.0f} MiB")
+    return lines
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["tokens"], r["hidden"], r["vocab"], r["mode"]) for r in rows})
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(cases) * 2), 4.5))
+    for ax, pass_ in zip(axes, ("fwd", "fwd+bwd")):
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            values = []
+            for case in cases:
+                match = [r for r in rows if (r["tokens"], r["hidden"], r["vocab"], r["mode"]) == case
+                         and r["impl"] == impl and r["pass"] == pass_ and r.get("ms")]
+                values.append(match[0]["ms"] if match else 0.0)
+            ax.bar([c + i * width for c in range(len(cases))], values, width, label=impl)
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+        ax.set_xticklabels([f"{t}x{h}\nV={v} {m}" for t, h, v, m in cases], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms (log)")
+        ax.set_title(f"linear cross-entropy, {pass_}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(quick: bool = False, out_dir=None) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    env = environment(device)
+    matmul_peak = matmul_peak_tflops(device, dtype)
+    env["matmul_peak_tflops"] = matmul_peak
+    print(f"linear_cross_entropy on {env['device']} ({dtype}); measured matmul peak {matmul_peak:.1f} TFLOP/s", flush=True)
+    rows = []
+    for tokens, hidden_size, vocab, mode in configs(device, quick):
+        rows += measure(tokens, hidden_size, vocab, mode, device, dtype, matmul_peak if device.type == "cuda" else None)
+    targets = check_targets(rows, device)
+    notes = "Targets:\n\n" + "\n".join(f"- {line}" for line in targets) if targets else ""
+    path = write_results("linear_cross_entropy", rows, env, COLUMNS, out_dir or out_dir_from_env(), plot, notes)
+    print("\n".join(targets))
+    print(f"results: {path}")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the target configurations and a few more")
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/)")
+    args = parser.parse_args(argv)
+    run(args.quick, args.out)
+
+
+if __name__ == "__main__":
+    main()
