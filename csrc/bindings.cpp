@@ -4,9 +4,11 @@
 // csrc/<op>/bindings.h; tensor checks happen in fastft/ops/_cuda.py.
 #include <pybind11/pybind11.h>
 
+#include "attention/bindings.h"
 #include "linear_cross_entropy/bindings.h"
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fastft CUDA kernels (raw-pointer interface; see fastft/ops/_cuda.py)";
   fastft::bind_linear_cross_entropy(m);
+  fastft::bind_attention(m);
 }

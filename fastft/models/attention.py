@@ -195,7 +195,8 @@ def _mask_to_op_arguments(attention_mask, causal: bool, batch: int, q_len: int, 
     if attention_mask.dim() == 2:
         # Our mask function's causal + key padding form (HF's flash-attention convention).
         if shape != (batch, k_len) or attention_mask.dtype != torch.bool:
-            return causal, None, f"2-D attention_mask of shape {shape} and dtype {attention_mask.dtype} (expected ({batch}, {k_len}) bool)"
+            return causal, None, (f"2-D attention_mask of shape {shape} and dtype {attention_mask.dtype} "
+                                  f"(expected ({batch}, {k_len}) bool)")
         if q_len > 1 and q_len != k_len:
             return causal, None, f"causal attention with {q_len} queries and {k_len} keys"
         return q_len > 1, attention_mask, None
@@ -309,8 +310,9 @@ def fastft_attention_forward(
 def _argument_reason(query, key, value, kwargs) -> Optional[str]:
     """Why the op cannot take these tensors / keyword arguments, or None."""
     for name, what in _UNSUPPORTED_KWARGS.items():
-        if kwargs.get(name) is not None:
-            return f"{what} ({name}={kwargs[name]!r})" if not isinstance(kwargs[name], torch.Tensor) else what
+        argument = kwargs.get(name)
+        if argument is not None:
+            return what if isinstance(argument, torch.Tensor) else f"{what} ({name}={argument!r})"
     if kwargs.get("cache") is not None:  # a paged cache must be updated by the sdpa path
         return "a paged kv-cache (cache=...)"
     if value.shape[-1] != query.shape[-1] or key.shape[-1] != query.shape[-1]:

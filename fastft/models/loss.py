@@ -62,7 +62,6 @@ def masked_lm_loss(
     *,
     num_items_in_batch=None,
     ignore_index: int = -100,
-    **unused,
 ) -> torch.Tensor:
     """Masked-LM cross-entropy (BERT, RoBERTa): ``labels[b, t]`` is the target at position t.
 
@@ -87,7 +86,6 @@ def causal_lm_loss(
     num_items_in_batch=None,
     ignore_index: int = -100,
     shift_labels: Optional[torch.Tensor] = None,
-    **unused,
 ) -> torch.Tensor:
     """Causal-LM cross-entropy (GPT-2, Llama): position t predicts ``labels[b, t + 1]``.
 
@@ -125,11 +123,17 @@ LOSS_BY_CLASS = {
 def loss_for(model: torch.nn.Module):
     """``(loss function, None)`` for a supported head, or ``(None, reason)`` when the loss stays HF's."""
     name = type(model).__name__
-    loss = LOSS_BY_CLASS.get(name)
+    # Walk the class hierarchy (FSDP2's fully_shard swaps in a subclass of the model's class),
+    # but only trust a subclass that keeps the known class's forward: an overridden forward
+    # may do anything to the logits.
+    known = next((c for c in type(model).__mro__ if c.__name__ in LOSS_BY_CLASS), None)
+    loss = LOSS_BY_CLASS[known.__name__] if known is not None and type(model).forward is known.forward else None
     if loss is None:
         supported = ", ".join(sorted(LOSS_BY_CLASS))
         return None, f"{name} is not a head fastft knows how to fuse (supported: {supported})"
     head = model.get_output_embeddings()
+    if head is None:
+        return None, f"{name} has no output embeddings (no language-model head)"
     if not isinstance(head, torch.nn.Linear):
         return None, f"{name}.get_output_embeddings() is {type(head).__name__}, not an nn.Linear"
     return loss, None

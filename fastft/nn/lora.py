@@ -10,7 +10,22 @@ import torch.nn as nn
 
 from fastft.ops.lora_linear import lora_linear
 
-__all__ = ["LoRALinear", "is_linear_like"]
+__all__ = ["LoRALinear", "is_linear_like", "compute_dtype"]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes ``x`` in: the autocast dtype inside
+    ``torch.autocast`` (where ``nn.Linear`` would cast its operands), else ``x.dtype``.
+
+    The fused op is a custom op that autocast does not cast, so callers cast for it."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # older torch: no device argument (CUDA only)
+        enabled = device_type == "cuda" and torch.is_autocast_enabled()
+    if enabled and hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -58,8 +73,10 @@ class LoRALinear(nn.Module):
         use_rslora: use ``α / √r`` instead of ``α / r``.
 
     Shapes:
-        input ``(..., in_features)`` → output ``(..., out_features)``, in the base layer's
-        dtype (``A`` and ``B`` are created in the base weight's dtype and device).
+        input ``(..., in_features)`` → output ``(..., out_features)``, in the input's dtype
+        (``A`` and ``B`` are created in the base weight's dtype and device). Inside
+        ``torch.autocast`` every operand is cast to the autocast dtype first, as
+        ``nn.Linear`` would be; otherwise the input must have the weight's dtype.
 
     Methods ``merge()`` / ``unmerge()`` fold ``scaling · B A`` into ``W₀`` and back (for
     inference without the extra matmuls); ``disabled = True`` gives the base layer alone.
@@ -132,8 +149,10 @@ class LoRALinear(nn.Module):
             return out - self._lora_branch(x) if self.disabled else out
         if self.disabled:
             return self.base_layer(x)
-        return lora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.scaling,
-                           dropout_p=self.dropout if self.training else 0.0)
+        dtype = compute_dtype(x)  # every operand in one dtype, as nn.Linear under autocast
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return lora_linear(x.to(dtype), self.weight.to(dtype), bias, self.lora_a.to(dtype), self.lora_b.to(dtype),
+                           self.scaling, dropout_p=self.dropout if self.training else 0.0)
 
     def _add_to_weight(self, delta: torch.Tensor) -> None:
         weight = self.base_layer.weight

