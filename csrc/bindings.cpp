@@ -6,9 +6,11 @@
 
 #include "attention/bindings.h"
 #include "linear_cross_entropy/bindings.h"
+#include "lora_linear/bindings.h"
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "fastft CUDA kernels (raw-pointer interface; see fastft/ops/_cuda.py)";
   fastft::bind_linear_cross_entropy(m);
   fastft::bind_attention(m);
+  fastft::bind_lora_linear(m);
 }

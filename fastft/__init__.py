@@ -9,7 +9,7 @@ import importlib
 __version__ = "0.1.0"
 
 from fastft import ops  # noqa: E402
-from fastft.ops import linear_cross_entropy  # noqa: E402
+from fastft.ops import attention, linear_cross_entropy, lora_linear  # noqa: E402
 
 # Heavier entry points (they import transformers / datasets) load on first use.
 _LAZY = {
@@ -31,4 +31,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastft' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "ops", "linear_cross_entropy", *_LAZY]
+__all__ = ["__version__", "ops", "attention", "linear_cross_entropy", "lora_linear", *_LAZY]

@@ -42,6 +42,8 @@ def cuda_reasons(tensors: Sequence[torch.Tensor]) -> list[str]:
         reasons.append(f"CUDA extension unavailable: {_cuda.load_error()}")
     if not all(t.is_cuda for t in tensors):
         reasons.append("tensors are not on a CUDA device")
+    if not reasons and tensors:  # a too-old driver or a GPU the build has no kernels for
+        reasons += _cuda.device_reasons(tensors[0].device)
     return reasons
 
 

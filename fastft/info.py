@@ -11,9 +11,11 @@ import torch
 import fastft
 from fastft.ops import _cuda
 
-# op name -> (module, function building the reasons for typical inputs on a device)
+# op name -> module exposing PRIORITY and backend_reasons(...)
 OPS = {
+    "attention": "fastft.ops.attention",
     "linear_cross_entropy": "fastft.ops.linear_cross_entropy",
+    "lora_linear": "fastft.ops.lora_linear",
 }
 
 
@@ -24,8 +26,12 @@ def _version(name: str) -> str:
         return f"not available ({type(err).__name__}: {err})"
 
 
-def _typical_inputs(device: torch.device):
+def _typical_inputs(op_name: str, device: torch.device) -> tuple:
+    """Small inputs of the usual dtype on ``device``: what ``backend_reasons`` judges."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if op_name == "attention":
+        q = torch.empty(1, 2, 16, 64, device=device, dtype=dtype)  # (batch, heads, seq, head_dim)
+        return q, q, q
     return torch.empty(8, 64, device=device, dtype=dtype), torch.empty(32, 64, device=device, dtype=dtype)
 
 
@@ -38,14 +44,17 @@ def report() -> str:
     lines.append(f"device: {torch.cuda.get_device_name() if cuda else 'cpu (no CUDA GPU visible)'}")
     build = _cuda.build_info()
     if _cuda.load_error() is None:
-        lines.append(f"CUDA extension: loaded (archs {';'.join(build.get('archs', []))}, {build.get('nvcc', '?')})")
+        lines.append(f"CUDA extension: loaded (archs {';'.join(build.get('archs', []))}, CUDA {build.get('cuda_version', '?')})")
+        if cuda:
+            for why in _cuda.device_reasons(device):
+                lines.append(f"  cannot run here: {why}")
     else:
         lines.append(f"CUDA extension: {_cuda.load_error()}")
     lines.append("")
     lines.append(f"backends for {device.type} inputs (auto takes the first 'yes' in priority order):")
     for op_name, module_name in OPS.items():
         module = importlib.import_module(module_name)
-        reasons = module.backend_reasons(*_typical_inputs(device))
+        reasons = module.backend_reasons(*_typical_inputs(op_name, device))
         lines.append(f"  {op_name}:")
         for backend in module.PRIORITY:
             why = reasons[backend]()

@@ -28,9 +28,10 @@ benchmarks/bench_lora.py on a GPU; override with FASTFT_LORA_BASE_GEMM=cublas|tr
   Napkin numbers on an H100 for x (16k, 4096) @ Wᵀ (4096, 4096): the GEMM is 550 GFLOP,
   ~0.7 ms at ~800 TFLOP/s; the separate epilogue re-reads and re-writes y (16k x 4096 bf16,
   256 MB) in ~0.08 ms, ~11 %. A pointer-based Triton GEMM (no TMA / warp-specialisation,
-  portable to triton 3.6 and 3.9) typically reaches 75-90 % of cuBLAS on Hopper, i.e. loses
-  more than the fused epilogue saves. On GPUs where the two are within ~10 % (A100) the
-  fused kernel can win; the benchmark measures both.
+  portable to triton 3.6 and 3.9) is expected to reach 75-90 % of cuBLAS on Hopper, i.e. to
+  lose more than the fused epilogue saves (a prediction, not yet measured). Where the two
+  are within ~10 % (A100) the fused kernel can win; the benchmark's
+  `fastft[triton+fused-gemm]` row measures exactly this, and the default should follow it.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ INTERPRET = interpreting_triton()
 BASE_GEMM = os.environ.get("FASTFT_LORA_BASE_GEMM", "cublas").strip().lower()
 if BASE_GEMM not in ("cublas", "triton"):
     raise ValueError(f"FASTFT_LORA_BASE_GEMM must be 'cublas' or 'triton', got {BASE_GEMM!r}")
-
-_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 # --------------------------------------------------------------------------- dropout mask
@@ -92,7 +91,11 @@ def _fused_configs():
 
 @triton.autotune(
     configs=_fused_configs(),
-    key=["M", "N", "K", "HAS_BASE", "WEIGHT_INT8", "SCALE_ALONG_N", "BLOCK_R"],
+    # Not M: the token count changes from batch to batch and must not re-trigger tuning.
+    key=["N", "K", "HAS_BASE", "ACCUMULATE", "WEIGHT_INT8", "SCALE_ALONG_N", "HAS_MASK", "BLOCK_R"],
+    # Tuning runs the kernel several times: an accumulating launch must start from the
+    # same output every time.
+    restore_value=["Out"],
 )
 @triton.jit(do_not_specialize=["seed_key", "threshold"])
 def _lora_fused_linear_kernel(
@@ -157,18 +160,21 @@ def _lora_fused_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
 
-    # Rank-r epilogue: (BM, r) @ (r, BN) on the tile still in registers. BLOCK_R >= 16
-    # (tl.dot's minimum); the padded ranks load as zeros.
-    offs_r = tl.arange(0, BLOCK_R)
-    in_r = offs_r < RANK
-    lo = tl.load(L + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                 mask=in_m[:, None] & in_r[None, :], other=0.0)  # (BM, BR)
-    up = tl.load(R + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
-                 mask=in_r[:, None] & in_n[None, :], other=0.0)  # (BR, BN)
-    if UPCAST:
-        lo = lo.to(tl.float32)
-        up = up.to(tl.float32)
-    lora = tl.dot(lo, up, input_precision=DOT_PRECISION)  # (BM, BN) fp32
+    # Rank-r epilogue: (BM, r) @ (r, BN) on the tile still in registers, BLOCK_R ranks at
+    # a time (16 <= BLOCK_R <= 64: tl.dot's minimum, and a bound on registers for large r);
+    # padded ranks load as zeros.
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, RANK, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        in_r = offs_r < RANK
+        lo = tl.load(L + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=in_m[:, None] & in_r[None, :], other=0.0)  # (BM, BR)
+        up = tl.load(R + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+                     mask=in_r[:, None] & in_n[None, :], other=0.0)  # (BR, BN)
+        if UPCAST:
+            lo = lo.to(tl.float32)
+            up = up.to(tl.float32)
+        lora += tl.dot(lo, up, input_precision=DOT_PRECISION)  # (BM, BN) fp32
     if HAS_MASK:  # backward dx: the mask of x at (token row, feature column)
         keep = _dropout_keep(offs_m[:, None], offs_n[None, :], seed_key, threshold)
         lora = tl.where(keep, lora, 0.0)
@@ -231,7 +237,7 @@ def _lora_masked_matmul_kernel(
 
 
 def _rank_block(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    return min(64, max(16, triton.next_power_of_2(rank)))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -254,6 +260,9 @@ def fused_linear(out, x, w_t, weight_scale, scale_along_n, bias, lora_l, lora_r_
     """
     num_rows, num_cols = out.shape
     reduce_dim = w_t.shape[0] if has_base else 0
+    # The kernel reads bias and scales with unit stride.
+    bias = None if bias is None else bias.contiguous()
+    weight_scale = None if weight_scale is None else weight_scale.contiguous()
     rank = lora_l.shape[1]
     seed_key, threshold = dropout_params(dropout_p, seed)
     grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(num_cols, meta["BLOCK_N"]),)  # noqa: E731

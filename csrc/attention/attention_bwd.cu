@@ -355,10 +355,11 @@ void launch_backward(const BackwardParams& p, cudaStream_t stream) {
 template <typename T>
 void dispatch_head_dim(const BackwardParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
+    case 32: return launch_backward<T, 32>(p, stream);
     case 64: return launch_backward<T, 64>(p, stream);
     case 128: return launch_backward<T, 128>(p, stream);
     default: throw std::runtime_error("attention_backward: head_dim " + std::to_string(p.head_dim) +
-                                      " is not supported (64 or 128)");
+                                      " is not supported (32, 64 or 128)");
   }
 }
 

@@ -32,9 +32,13 @@ Every backend implements two functions over the same arguments,
 where ``lse`` is the fp32 natural-log log-sum-exp of each query row's scaled scores
 (``(batch, heads_q, seq_q)``, or ``(heads_q, total_tokens)`` for varlen; ``-inf`` for a row
 with no key) that the FlashAttention backward needs to rebuild the probabilities. The
-torch backend recomputes the probabilities instead and returns an empty ``lse``.
-Validation, dispatch, seeding, autograd and torch.compile registration are shared and
-live in this file.
+triton and cuda backends share one autograd wiring through the custom op
+``fastft::attention`` (+ ``fastft::attention_backward``), so torch.compile sees them as
+opaque nodes without graph breaks. The torch backend on dense inputs is plain
+differentiable torch instead (SDPA, whose own fused backward beats any recomputation, and
+which torch.compile traces natively); on packed inputs it runs through the op too, with a
+per-document loop, recomputing the probabilities in backward (its ``lse`` is empty).
+Validation, dispatch and seeding are shared and live in this file.
 
 Dropout seeding. A dropout call draws one 31-bit seed from ``generator`` (default:
 torch's default CPU generator, so ``torch.manual_seed`` makes masks reproducible and
@@ -57,7 +61,8 @@ import torch.nn.functional as F
 
 from fastft._dispatch import choose_backend, cuda_reasons, triton_reasons
 
-__all__ = ["attention", "attention_ref", "attention_dropout_mask", "backend_reasons"]
+__all__ = ["attention", "attention_ref", "attention_dropout_mask", "varlen_dropout_mask", "draw_dropout_seed",
+           "backend_reasons"]
 
 # Fastest first (benchmarks/NOTES.md); CPU inputs fall through to torch.
 PRIORITY = ("cuda", "triton", "torch")
@@ -189,12 +194,14 @@ def _philox_uniform(key: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
 
 
 def attention_dropout_mask(
-    seed: int, batch: int, heads_q: int, seq_q: int, seq_k: int, dropout_p: float,
+    seed, batch: int, heads_q: int, seq_q: int, seq_k: int, dropout_p: float,
     device=None, *, first_batch: int = 0,
 ) -> torch.Tensor:
     """Bool keep-mask ``(batch, heads_q, seq_q, seq_k)`` that the triton and torch backends
-    apply for ``seed`` (see the module docstring). ``first_batch`` offsets the batch index,
+    apply for ``seed`` (an int or an int64 scalar tensor; see the module docstring). ``first_batch`` offsets the batch index,
     e.g. to the document index of a varlen slice."""
+    if isinstance(seed, torch.Tensor):  # a drawn seed tensor (traceable by torch.compile)
+        seed = seed.to(device=device, dtype=torch.int64)
     b = torch.arange(first_batch, first_batch + batch, device=device)[:, None, None, None]
     h = torch.arange(heads_q, device=device)[None, :, None, None]
     i = torch.arange(seq_q, device=device)[None, None, :, None]
@@ -242,7 +249,7 @@ def _torch_dense_forward(q, k, v, causal, key_padding_mask, scale, dropout_p, se
                          dropout_mask=keep, dropout_p=dropout_p).contiguous()
 
 
-def _torch_dense_backward(grad_out, q, k, v, causal, key_padding_mask, scale, dropout_p, seed, first_batch):
+def _torch_dense_backward(grad_out, q, k, v, out, causal, key_padding_mask, scale, dropout_p, seed, first_batch):
     """Gradients of (B, Hq, Sq, D) attention by explicit fp32 math, recomputing the
     probabilities (the same equations the FlashAttention backward kernels use):
 
@@ -266,12 +273,11 @@ def _torch_dense_backward(grad_out, q, k, v, causal, key_padding_mask, scale, dr
     if dropout_p > 0.0:
         keep = attention_dropout_mask(seed, batch, heads_q, seq_q, seq_k, dropout_p, q.device, first_batch=first_batch)
         dropped = probs * keep / (1.0 - dropout_p)
-    out = dropped @ v32  # (B, Hq, Sq, D)
     grad_v = dropped.transpose(-2, -1) @ do32  # (B, Hq, Sk, D)
     grad_probs = do32 @ v32.transpose(-2, -1)  # (B, Hq, Sq, Sk)
     if dropout_p > 0.0:
         grad_probs = grad_probs * keep / (1.0 - dropout_p)
-    delta = (do32 * out).sum(-1, keepdim=True)  # (B, Hq, Sq, 1) = rowsum(P∘dP)
+    delta = (do32 * out.float()).sum(-1, keepdim=True)  # (B, Hq, Sq, 1) = rowsum(P∘dP)
     grad_scores = probs * (grad_probs - delta)
     grad_q = (grad_scores @ k32) * scale
     grad_k = (grad_scores.transpose(-2, -1) @ q32) * scale  # (B, Hq, Sk, D)
@@ -308,14 +314,14 @@ def _torch_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, causal, sc
 def _torch_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, causal, scale,
                     dropout_p, seed):
     if cu_seqlens is None:
-        return _torch_dense_backward(grad_out, q, k, v, causal, key_padding_mask, scale, dropout_p, seed, 0)
+        return _torch_dense_backward(grad_out, q, k, v, out, causal, key_padding_mask, scale, dropout_p, seed, 0)
     grad_q = torch.zeros_like(q, memory_format=torch.contiguous_format)
     grad_k = torch.zeros_like(k, memory_format=torch.contiguous_format)
     grad_v = torch.zeros_like(v, memory_format=torch.contiguous_format)
     for doc, start, end in _documents(cu_seqlens):
         dq, dk, dv = _torch_dense_backward(
             _as_batch(grad_out[start:end]), _as_batch(q[start:end]), _as_batch(k[start:end]),
-            _as_batch(v[start:end]), causal, None, scale, dropout_p, seed, doc)
+            _as_batch(v[start:end]), _as_batch(out[start:end]), causal, None, scale, dropout_p, seed, doc)
         grad_q[start:end], grad_k[start:end], grad_v[start:end] = (g[0].transpose(0, 1) for g in (dq, dk, dv))
     return grad_q, grad_k, grad_v
 
@@ -338,18 +344,16 @@ def _triton_backward(*args):
 def _cuda_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed):
     from fastft.ops import _cuda
 
-    # The CUDA kernels take contiguous (B, H, S, D) tensors; cu_seqlens / dropout are
-    # refused by attention_reasons before we get here.
-    return _cuda.attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), causal,
-                                   key_padding_mask, scale)
+    # cu_seqlens / dropout were refused by attention_reasons before we get here; the
+    # wrapper copies only layouts its kernels cannot read in place.
+    return _cuda.attention_forward(q, k, v, causal, key_padding_mask, scale)
 
 
 def _cuda_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, causal, scale,
                    dropout_p, seed):
     from fastft.ops import _cuda
 
-    return _cuda.attention_backward(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                                    out.contiguous(), lse, causal, key_padding_mask, scale)
+    return _cuda.attention_backward(grad_out, q, k, v, out, lse, causal, key_padding_mask, scale)
 
 
 FORWARD = {"torch": _torch_forward, "triton": _triton_forward, "cuda": _cuda_forward}
@@ -398,6 +402,14 @@ def backend_reasons(
 
 
 # --------------------------------------------------------------------------- the op
+
+
+def draw_dropout_seed(generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The int64 scalar tensor seed in ``[0, 2**31 - 1)`` that one dropout call draws from
+    ``generator`` (default: torch's default CPU generator); every (batch, head, query,
+    key) counter derives from it. Tests replay masks with it."""
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(0, 2**31 - 1, (), generator=generator, device=device, dtype=torch.int64)
 
 
 def _seed_value(seed: Optional[torch.Tensor]) -> int:
@@ -639,11 +651,12 @@ def attention(
     chosen = choose_backend("attention", backend,
                             backend_reasons(q, k, v, key_padding_mask, cu_seqlens, dropout_p), PRIORITY, q.device)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    seed = None
-    if dropout_p > 0.0:
-        # One 31-bit seed per call: every (batch, head, query, key) counter derives from it.
-        device = generator.device if generator is not None else "cpu"
-        seed = torch.randint(0, 2**31 - 1, (), generator=generator, device=device, dtype=torch.int64)
+    seed = draw_dropout_seed(generator) if dropout_p > 0.0 else None
+    if chosen == "torch" and cu_seqlens is None:
+        # Plain differentiable torch: autograd then uses SDPA's own fused backward (about
+        # 2x faster on a CPU than recomputing explicitly inside the custom op), and
+        # torch.compile traces SDPA natively. Varlen keeps the op (its loop is opaque).
+        return _torch_dense_forward(q, k, v, causal, key_padding_mask, scale, float(dropout_p), seed, 0)
     out, _ = _attention_op(q, k, v, key_padding_mask, cu_seqlens, seed, int(max_seqlen or 0), causal, scale,
                            float(dropout_p), chosen)
     return out

@@ -64,11 +64,12 @@ __all__ = [
 # CPU inputs fall through to torch.
 PRIORITY = ("cuda", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The Triton / CUDA kernels hold a (tile, rank) block of xa / gb in registers.
-MAX_FUSED_RANK = 256
-# The torch backend materialises the dropout mask (and an int64 hash) this many elements
-# at a time at most: 4M * 8 B = 32 MiB of temporaries, bounded by a constant.
-MASK_CHUNK_ELEMENTS = 1 << 22
+# Beyond this rank the rank-r product is a GEMM of its own and fusing it gains nothing;
+# the kernels loop over the rank in chunks, so this is a policy, not a register limit.
+MAX_FUSED_RANK = 1024
+# The torch backend materialises the dropout mask (and its int32 hash) this many elements
+# at a time at most: 1M * 4 B = 4 MiB per temporary, bounded by a constant.
+MASK_CHUNK_ELEMENTS = 1 << 20
 
 _MASK32 = 0xFFFFFFFF
 
@@ -87,23 +88,27 @@ def mix32(value: int) -> int:
     return value
 
 
-def _mul32(values: torch.Tensor, constant: int) -> torch.Tensor:
-    """``values * constant mod 2³²`` for int64 tensors holding uint32 values.
-
-    Splitting the constant in 16-bit halves keeps every product below 2⁴⁸, so nothing
-    overflows int64 (torch has no general uint32 arithmetic)."""
-    low = values * (constant & 0xFFFF)
-    high = ((values * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+def _as_int32(value: int) -> int:
+    """The int32 with the same 32 bits as the uint32 ``value``."""
+    value &= _MASK32
+    return value - (1 << 32) if value >= (1 << 31) else value
 
 
-def _mix32_tensor(values: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on an int64 tensor of uint32 values (the same bits as ``mix32``)."""
-    values = values ^ (values >> 16)
-    values = _mul32(values, 0x7FEB352D)
-    values = values ^ (values >> 15)
-    values = _mul32(values, 0x846CA68B)
-    return values ^ (values >> 16)
+def _mix32_tensor_(values: torch.Tensor) -> torch.Tensor:
+    """lowbias32, in place, on an int32 tensor of uint32 bit patterns (the same bits as
+    ``mix32``).
+
+    torch has no uint32 shifts, so this works on int32: multiplication wraps modulo 2³²
+    (two's complement) and each right shift is masked to make it logical. In place with one
+    scratch buffer: the CPU cost is memory traffic. The tests compare it with the
+    Python-int ``mix32`` on every device they run on."""
+    shifted = torch.empty_like(values)
+    for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, None)):
+        torch.bitwise_right_shift(values, shift, out=shifted)
+        values ^= shifted.bitwise_and_((1 << (32 - shift)) - 1)
+        if multiplier is not None:
+            values *= _as_int32(multiplier)
+    return values
 
 
 def dropout_params(dropout_p: float, seed: int) -> tuple[int, int]:
@@ -119,21 +124,19 @@ def dropout_keep_mask(seed: int, dropout_p: float, num_rows: int, num_cols: int,
     True means kept (the element is then scaled by ``1 / (1 - dropout_p)``).
     """
     key, threshold = dropout_params(dropout_p, seed)
-    rows = torch.arange(row_offset, row_offset + num_rows, device=device, dtype=torch.int64)
-    cols = torch.arange(num_cols, device=device, dtype=torch.int64)
-    row_hash = _mix32_tensor(rows ^ key)  # (num_rows,)
-    element_hash = _mix32_tensor(row_hash[:, None] ^ cols[None, :])  # (num_rows, num_cols)
-    return (element_hash >> 8) >= threshold
+    rows = torch.arange(row_offset, row_offset + num_rows, device=device, dtype=torch.int32)
+    cols = torch.arange(num_cols, device=device, dtype=torch.int32)
+    row_hash = _mix32_tensor_(rows ^ _as_int32(key))  # (num_rows,)
+    element_hash = _mix32_tensor_(row_hash[:, None] ^ cols[None, :])  # (num_rows, num_cols) int32 bits
+    return element_hash.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF) >= threshold
 
 
-def _masked_rows(x: torch.Tensor, dropout_p: float, seed: int):
-    """Yield (start, end, x[start:end] ∘ mask) a bounded number of elements at a time."""
-    num_rows, num_cols = x.shape
+def _keep_chunks(num_rows: int, num_cols: int, dropout_p: float, seed: int, device):
+    """Yield (start, end, keep-mask of rows start:end), a bounded number of elements at a time."""
     chunk = max(1, MASK_CHUNK_ELEMENTS // max(num_cols, 1))
     for start in range(0, num_rows, chunk):
         end = min(start + chunk, num_rows)
-        keep = dropout_keep_mask(seed, dropout_p, end - start, num_cols, row_offset=start, device=x.device)
-        yield start, end, x[start:end] * keep
+        yield start, end, dropout_keep_mask(seed, dropout_p, end - start, num_cols, row_offset=start, device=device)
 
 
 # --------------------------------------------------------------------------- int8 weights
@@ -224,8 +227,8 @@ def _down_torch(x, lora_a, dropout_p, seed):
     if dropout_p == 0.0:
         return x @ lora_a.T
     xa = x.new_empty(x.shape[0], lora_a.shape[0])
-    for start, end, x_kept in _masked_rows(x, dropout_p, seed):
-        torch.mm(x_kept, lora_a.T, out=xa[start:end])
+    for start, end, keep in _keep_chunks(*x.shape, dropout_p, seed, x.device):
+        torch.mm(x[start:end] * keep, lora_a.T, out=xa[start:end])
     return xa
 
 
@@ -240,11 +243,8 @@ def _grad_input_torch(grad, weight, weight_scale, grad_xa, lora_a, scale, dropou
     grad_x = grad @ _base_weight(weight, weight_scale, grad.dtype)
     if dropout_p == 0.0:
         return grad_x.addmm_(grad_xa, lora_a, alpha=scale)
-    chunk = max(1, MASK_CHUNK_ELEMENTS // max(lora_a.shape[1], 1))
-    for start in range(0, grad.shape[0], chunk):
-        end = min(start + chunk, grad.shape[0])
-        keep = dropout_keep_mask(seed, dropout_p, end - start, lora_a.shape[1], row_offset=start, device=grad.device)
-        grad_x[start:end] += (grad_xa[start:end] @ lora_a) * keep * scale
+    for start, end, keep in _keep_chunks(grad.shape[0], lora_a.shape[1], dropout_p, seed, grad.device):
+        grad_x[start:end].add_((grad_xa[start:end] @ lora_a).mul_(keep), alpha=scale)
     return grad_x
 
 
@@ -253,9 +253,21 @@ def _grad_a_torch(grad_xa, x, dropout_p, seed):
     if dropout_p == 0.0:
         return grad_xa.T @ x
     grad_a = x.new_zeros(grad_xa.shape[1], x.shape[1])
-    for start, end, x_kept in _masked_rows(x, dropout_p, seed):
-        grad_a.addmm_(grad_xa[start:end].T, x_kept)
+    for start, end, keep in _keep_chunks(*x.shape, dropout_p, seed, x.device):
+        grad_a.addmm_(grad_xa[start:end].T, x[start:end] * keep)
     return grad_a
+
+
+def _masked_grads_torch(grad, weight, weight_scale, grad_xa, lora_a, x, scale, dropout_p, seed, want_x, want_a):
+    """(dx or None, scale · dA or None) with dropout, each chunk's mask computed once for both."""
+    grad_x = grad @ _base_weight(weight, weight_scale, grad.dtype) if want_x else None  # (N, K)
+    grad_a = x.new_zeros(lora_a.shape) if want_a else None  # (r, K)
+    for start, end, keep in _keep_chunks(*x.shape, dropout_p, seed, x.device):
+        if want_a:
+            grad_a.addmm_(grad_xa[start:end].T, x[start:end] * keep)
+        if want_x:
+            grad_x[start:end].add_((grad_xa[start:end] @ lora_a).mul_(keep), alpha=scale)
+    return grad_x, (grad_a.mul_(scale) if want_a else None)
 
 
 class _TorchBackend:
@@ -263,6 +275,7 @@ class _TorchBackend:
     up = staticmethod(_up_torch)
     grad_input = staticmethod(_grad_input_torch)
     grad_a = staticmethod(_grad_a_torch)
+    masked_grads = staticmethod(_masked_grads_torch)
 
 
 def _backend_impl(name: str):
@@ -288,11 +301,14 @@ def backend_reasons(x: torch.Tensor, weight: torch.Tensor, lora_a: Optional[torc
         if x.dtype not in FLOAT_DTYPES:
             reasons.append(f"dtype {x.dtype} is not fp32/fp16/bf16")
         if rank > MAX_FUSED_RANK:
-            reasons.append(f"rank {rank} > {MAX_FUSED_RANK} (the fused kernels keep a rank-wide tile in registers)")
+            reasons.append(f"rank {rank} > {MAX_FUSED_RANK} (larger ranks gain nothing from fusion)")
         return reasons
 
     def cuda():
+        from fastft.ops import _cuda
+
         reasons = cuda_reasons(tensors) + common()
+        reasons += _cuda.lora_linear_reasons(x.device)
         if x.dtype == torch.float32:
             reasons.append("the CUDA kernels use 16-bit tensor cores (fp16/bf16 only)")
         return reasons
@@ -364,6 +380,13 @@ def _lora_linear_backward_op(
     grad_xa = grad @ lora_b  # (N, r): the rank-r bottleneck of the backward pass
     # custom_op outputs may not alias each other: one fresh empty tensor per missing gradient.
     grad_x, grad_weight, grad_bias, grad_a, grad_b = (_empty(x) for _ in range(5))
+    if x.shape[0] > 0 and dropout_p > 0.0 and hasattr(impl, "masked_grads") and (want_x or want_a):
+        # One mask computation serves dx and dA (the torch backend's mask is not free).
+        grad_x_masked, grad_a_masked = impl.masked_grads(grad, weight, weight_scale, grad_xa, lora_a, x, scale,
+                                                         dropout_p, seed, want_x, want_a)
+        grad_x = grad_x_masked if want_x else grad_x
+        grad_a = grad_a_masked if want_a else grad_a
+        want_x = want_a = False  # done
     if want_x:
         if x.shape[0] == 0:
             grad_x = torch.zeros_like(x)
@@ -437,7 +460,8 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight_scale)
         raise ValueError(f"lora_a must have shape (rank, in_features) with rank >= 1, got {tuple(lora_a.shape)}")
     rank = lora_a.shape[0]
     if lora_a.shape[1] != in_features:
-        raise ValueError(f"lora_a must have shape (rank, in_features) = ({rank}, {in_features}), got {tuple(lora_a.shape)}")
+        raise ValueError(f"lora_a must have shape (rank, in_features) = ({rank}, {in_features}), "
+                         f"got {tuple(lora_a.shape)}")
     if lora_b.dim() != 2 or tuple(lora_b.shape) != (out_features, rank):
         raise ValueError(f"lora_b must have shape (out_features, rank) = ({out_features}, {rank}), "
                          f"got {tuple(lora_b.shape)}")
@@ -471,7 +495,8 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight_scale)
             raise TypeError(f"bias dtype {bias.dtype} does not match x dtype {x.dtype}")
         devices.add(("bias", bias.device))
     if len({d for _, d in devices}) > 1:
-        raise ValueError("inputs are on different devices: " + ", ".join(f"{n}={d}" for n, d in sorted(devices, key=str)))
+        listing = ", ".join(f"{n}={d}" for n, d in sorted(devices, key=str))
+        raise ValueError(f"inputs are on different devices: {listing}")
     if isinstance(scaling, torch.Tensor) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
@@ -534,7 +559,8 @@ def lora_linear(
     if dropout_p == 0.0:
         seed = 0
     elif seed is None:
-        seed = int(torch.randint(0, 1 << 32, (1,), generator=generator, dtype=torch.int64).item())
+        device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 1 << 32, (1,), generator=generator, device=device, dtype=torch.int64).item())
     else:
         seed = int(seed) % (1 << 32)
     chosen = choose_backend("lora_linear", backend,

@@ -1,0 +1,285 @@
+"""Benchmark: fastft.ops.lora_linear vs PEFT's LoRA layer and the frozen nn.Linear floor.
+
+Side by side in one process, per (tokens, in, out, rank, dropout, weight, pass):
+  linear (floor)         frozen nn.Linear alone: what any LoRA layer costs at least
+  peft                   peft.tuners.lora.Linear (dropout copy of x, two extra linears, an add)
+  torch.compile(peft)    the same layer compiled (GPU only; compile time excluded by warm-up)
+  fastft[...]            fastft.ops.lora_linear: `auto` and each GPU backend that can run;
+                         on a GPU also the Triton backend with the fused Triton base GEMM
+                         (`triton+fused-gemm`) against its cuBLAS-base default: this row
+                         decides the design choice documented in kernels/lora_linear.py
+  int8 rows              fastft with an int8 base weight (quantize_weight_int8) against
+                         `dequant+peft` (dequantise to bf16 on every call, then PEFT) and the
+                         bf16 floor
+
+Shapes are projections of real models: BERT-base (768 / 3072), a 1B Llama (2048 / 8192),
+Llama-3-8B / Mistral-7B (4096 / 14336). Reported: median ms, speed-up over PEFT, the
+overhead over the frozen-linear floor, peak extra memory of the step, the activation
+memory held between forward and backward (`saved_MiB`: PEFT keeps a dropped-out copy of
+x, fastft only (tokens, r)), and on a GPU the useful TFLOP/s as a fraction of the measured
+bf16 matmul peak. Useful FLOPs: forward 2·N·K·O + 2·N·r·(K+O); forward+backward adds
+2·N·K·O (dx through the frozen W) and 4·N·r·(K+O) (the rank-r gradients).
+
+    python -m benchmarks.bench_lora [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+
+from benchmarks.common import (environment, is_out_of_memory, matmul_peak_tflops, median_ms,
+                               out_dir_from_env, peak_extra_bytes, write_results)
+from fastft.ops.lora_linear import backend_reasons, lora_linear, quantize_weight_int8
+
+COLUMNS = ["tokens", "in", "out", "rank", "dropout", "weight", "dtype", "pass", "impl", "ms", "speedup_vs_peft",
+           "overhead_vs_floor", "peak_extra_MiB", "saved_MiB", "tflops", "frac_matmul_peak", "status"]
+LORA_ALPHA_OVER_RANK = 2.0
+
+# (in, out) projections of real models
+BERT = [(768, 768), (768, 3072), (3072, 768)]
+LLAMA_1B = [(2048, 2048), (2048, 8192)]
+LLAMA_8B = [(4096, 4096), (4096, 14336), (14336, 4096)]
+
+
+def configs(device: torch.device, quick: bool):
+    """(tokens, in, out, rank, dropout, weight) to run."""
+    if device.type != "cuda":  # reduced CPU set: BERT-base shapes, fp32
+        cases = [(2048, 768, 768, 8, 0.1, "float"), (2048, 768, 3072, 16, 0.1, "float")]
+        if not quick:
+            cases += [(2048, 768, 3072, 16, 0.0, "float"), (2048, 768, 3072, 16, 0.1, "int8")]
+        return cases
+    cases = []
+    main_shapes = BERT + LLAMA_1B + LLAMA_8B
+    token_counts = (2048, 16384) if not quick else (8192,)
+    for tokens in token_counts:  # the main sweep: rank 16, PEFT's common dropout 0.05
+        for k, o in (main_shapes if not quick else [(768, 3072), (2048, 8192), (4096, 4096), (4096, 14336)]):
+            cases.append((tokens, k, o, 16, 0.05, "float"))
+    for rank in (8, 64):  # rank sweep on the 8B attention projection
+        cases.append((8192, 4096, 4096, rank, 0.05, "float"))
+    cases.append((8192, 4096, 4096, 16, 0.0, "float"))  # no dropout: cuBLAS-only paths
+    for k, o in ([(4096, 4096), (4096, 14336)] if quick else LLAMA_1B + LLAMA_8B):  # int8 base weight
+        cases.append((8192, k, o, 16, 0.05, "int8"))
+    return list(dict.fromkeys(cases))
+
+
+FUSED_GEMM_IMPL = "fastft[triton+fused-gemm]"
+
+
+@contextlib.contextmanager
+def _triton_base_gemm(impl: str, device: torch.device):
+    """For the FUSED_GEMM_IMPL row, the Triton backend's 16-bit base GEMM is its own fused
+    kernel instead of cuBLAS, for the forward and the backward pass alike."""
+    if device.type != "cuda" or impl != FUSED_GEMM_IMPL:
+        yield
+        return
+    from fastft.kernels import lora_linear as triton_kernels
+
+    previous, triton_kernels.BASE_GEMM = triton_kernels.BASE_GEMM, "triton"
+    try:
+        yield
+    finally:
+        triton_kernels.BASE_GEMM = previous
+
+
+def implementations(device, x, base, lora_a, lora_b, dropout_p, quantized):
+    """name -> fn(x) returning the layer output, all with the same parameters.
+
+    ``quantized``: None, or (int8 weight, scales) of ``base.weight`` for the int8 rows."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    rank = lora_a.shape[0]
+    scaling = LORA_ALPHA_OVER_RANK
+    config = LoraConfig(r=rank, lora_alpha=int(scaling * rank), lora_dropout=dropout_p)
+    peft_layer = PeftLinear(base, "default", config, r=rank, lora_alpha=int(scaling * rank), lora_dropout=dropout_p)
+    peft_layer.lora_A["default"].weight = lora_a
+    peft_layer.lora_B["default"].weight = lora_b
+    peft_layer.to(device=device, dtype=x.dtype).train()
+    weight, bias = base.weight, base.bias
+    impls = {"linear (floor)": lambda t: base(t)}
+    if quantized is not None:
+        q, scale = quantized
+
+        def dequant_peft(t):  # what an unfused int8 weight-only layer does each call
+            base.weight.data = (q.to(t.dtype) * scale.to(t.dtype)[:, None])
+            return peft_layer(t)
+
+        impls["dequant+peft"] = dequant_peft
+        impls["fastft"] = lambda t: lora_linear(t, q, bias, lora_a, lora_b, scaling, dropout_p=dropout_p,
+                                                weight_scale=scale)
+        if device.type == "cuda":
+            for backend, why in backend_reasons(x, q, lora_a, scale, dropout_p).items():
+                if backend != "torch" and not why():
+                    impls[f"fastft[{backend}]"] = lambda t, b=backend: lora_linear(
+                        t, q, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, weight_scale=scale, backend=b)
+        return impls
+    impls["peft"] = lambda t: peft_layer(t)
+    impls["fastft"] = lambda t: lora_linear(t, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p)
+    if device.type == "cuda":
+        impls["torch.compile(peft)"] = torch.compile(peft_layer, dynamic=False)
+        for backend, why in backend_reasons(x, weight, lora_a, None, dropout_p).items():
+            if backend != "torch" and not why():
+                impls[f"fastft[{backend}]"] = lambda t, b=backend: lora_linear(
+                    t, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, backend=b)
+        if not backend_reasons(x, weight, lora_a, None, dropout_p)["triton"]():
+            # measure() switches the Triton base GEMM to the fused kernel for this row
+            impls[FUSED_GEMM_IMPL] = lambda t: lora_linear(t, weight, bias, lora_a, lora_b, scaling,
+                                                           dropout_p=dropout_p, backend="triton")
+    return impls
+
+
+def saved_bytes(fn, x, exclude) -> int:
+    """Bytes autograd keeps between forward and backward beyond the inputs / parameters."""
+    seen, total = set(), 0
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen and ptr not in skip:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x)
+    del out
+    return total
+
+
+def measure(tokens, in_features, out_features, rank, dropout_p, weight_kind, device, dtype, matmul_peak):
+    torch.manual_seed(0)
+    int8 = weight_kind == "int8"
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+    base = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype).requires_grad_(False)
+    lora_a = torch.nn.Parameter(torch.randn(rank, in_features, device=device, dtype=dtype) / in_features**0.5)
+    lora_b = torch.nn.Parameter(torch.randn(out_features, rank, device=device, dtype=dtype) / rank**0.5)
+    params = [x, lora_a, lora_b]
+    quantized = quantize_weight_int8(base.weight) if int8 else None
+    flops_fwd = 2 * tokens * in_features * out_features + 2 * tokens * rank * (in_features + out_features)
+    flops_bwd = 2 * tokens * in_features * out_features + 4 * tokens * rank * (in_features + out_features)
+    rows, reference_ms, floor_ms = [], {}, {}
+    impls = implementations(device, x, base, lora_a, lora_b, dropout_p, quantized)
+    not_activations = [x, base.weight, base.bias, lora_a, lora_b, *(quantized or ())]
+    for impl, fn in impls.items():
+        for pass_ in ("fwd", "fwd+bwd"):
+            def step():
+                for p in params:
+                    p.grad = None
+                if pass_ == "fwd":
+                    with torch.no_grad():
+                        return fn(x)
+                fn(x).sum().backward()
+
+            row = {"tokens": tokens, "in": in_features, "out": out_features, "rank": rank, "dropout": dropout_p,
+                   "weight": weight_kind, "dtype": str(dtype).split(".")[-1], "pass": pass_, "impl": impl}
+            try:
+                with _triton_base_gemm(impl, device):
+                    ms = median_ms(step, device)
+                    row.update(ms=ms, peak_extra_MiB=peak_extra_bytes(step, device) / 2**20, status="ok")
+                    if pass_ == "fwd+bwd":
+                        row["saved_MiB"] = saved_bytes(fn, x, not_activations) / 2**20
+                flops = flops_fwd + (flops_bwd if pass_ == "fwd+bwd" else 0)
+                row["tflops"] = flops / (ms * 1e-3) / 1e12
+                if matmul_peak:
+                    row["frac_matmul_peak"] = row["tflops"] / matmul_peak
+                if impl in ("peft", "dequant+peft"):
+                    reference_ms[pass_] = ms
+                if impl == "linear (floor)":
+                    floor_ms[pass_] = ms
+            except Exception as err:  # noqa: BLE001 - one failing implementation must not stop the sweep
+                if not is_out_of_memory(err) and impl.startswith("fastft"):
+                    raise
+                row["status"] = "OOM" if is_out_of_memory(err) else f"error: {type(err).__name__}: {err}"[:120]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    for row in rows:
+        if row.get("ms") and reference_ms.get(row["pass"]):
+            row["speedup_vs_peft"] = reference_ms[row["pass"]] / row["ms"]
+        if row.get("ms") and floor_ms.get(row["pass"]):
+            row["overhead_vs_floor"] = row["ms"] / floor_ms[row["pass"]]
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """One line per case: fastft's best GPU backend vs PEFT and the floor (fwd+bwd)."""
+    lines = []
+    cases = dict.fromkeys((r["tokens"], r["in"], r["out"], r["rank"], r["dropout"], r["weight"]) for r in rows)
+    for case in cases:
+        def row_of(impl):
+            for r in rows:
+                if (r["tokens"], r["in"], r["out"], r["rank"], r["dropout"], r["weight"]) == case and \
+                        r["impl"] == impl and r["pass"] == "fwd+bwd" and r.get("ms"):
+                    return r
+            return None
+
+        ours = row_of("fastft")
+        ref = row_of("peft") or row_of("dequant+peft")
+        floor = row_of("linear (floor)")
+        if ours and ref and floor:
+            tokens, k, o, rank, p, kind = case
+            lines.append(f"{tokens} tok {k}->{o} r{rank} p{p} {kind}: fastft {ours['ms']:.3g} ms, "
+                         f"{ref['ms'] / ours['ms']:.2f}x vs {ref['impl']}, {ours['ms'] / floor['ms']:.2f}x the floor; "
+                         f"activations saved {ours.get('saved_MiB', 0):.3g} vs {ref.get('saved_MiB', 0):.3g} MiB")
+    return lines
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib.pyplot as plt
+
+    data = [r for r in rows if r["pass"] == "fwd+bwd" and r.get("ms")]
+    cases = list(dict.fromkeys((r["tokens"], r["in"], r["out"], r["rank"], r["dropout"], r["weight"]) for r in data))
+    impls = list(dict.fromkeys(r["impl"] for r in data))
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cases) * max(1, len(impls)) / 3), 4.5))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        values = []
+        for case in cases:
+            match = [r for r in data if (r["tokens"], r["in"], r["out"], r["rank"], r["dropout"], r["weight"]) == case
+                     and r["impl"] == impl]
+            values.append(match[0]["ms"] if match else 0.0)
+        ax.bar([c + i * width for c in range(len(cases))], values, width, label=impl)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels([f"{t}tok\n{k}->{o}\nr{r} p{p}\n{w}" for t, k, o, r, p, w in cases], fontsize=6)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms, forward+backward (log)")
+    ax.set_title("LoRA linear")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(quick: bool = False, out_dir=None) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    env = environment(device)
+    matmul_peak = matmul_peak_tflops(device, dtype)
+    env["matmul_peak_tflops"] = matmul_peak
+    print(f"lora_linear on {env['device']} ({dtype}); measured matmul peak {matmul_peak:.1f} TFLOP/s", flush=True)
+    rows = []
+    for case in configs(device, quick):
+        rows += measure(*case, device, dtype, matmul_peak if device.type == "cuda" else None)
+    lines = summary(rows)
+    notes = "forward+backward, fastft (auto):\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""
+    path = write_results("lora", rows, env, COLUMNS, out_dir or out_dir_from_env(), plot, notes)
+    print("\n".join(lines))
+    print(f"results: {path}")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few representative configurations")
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/)")
+    args = parser.parse_args(argv)
+    run(args.quick, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,500 @@
+"""fastft.ops.attention against attention_ref: every backend, outputs and all gradients.
+
+Tolerance rule (DESIGN.md): the fast path's error against the fp32 reference is at most
+2x the error of the same-dtype plain-torch computation (``attention_ref(upcast=False)``)
+against that reference, plus a small atol. Inputs are fresh random normals with odd sizes.
+Triton cases run under the interpreter on the CPU (marker ``interpret``): tiny grids.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastft.ops.attention import (
+    attention,
+    attention_dropout_mask,
+    attention_ref,
+    backend_reasons,
+    draw_dropout_seed,
+    varlen_dropout_mask,
+)
+
+ATOL = {torch.float32: 2e-5, torch.float16: 5e-4, torch.bfloat16: 2e-3}
+CUDA = torch.cuda.is_available()
+# The `interpret` tests run the Triton kernels through the interpreter on a CPU-only
+# machine and compiled on a GPU machine (conftest sets TRITON_INTERPRET only without one).
+TRITON_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not CUDA else "cuda"
+
+
+def triton_dtype(dtype):
+    """The Triton backend runs fp32 only in the interpreter: bf16 stands in on a GPU."""
+    return torch.bfloat16 if TRITON_DEVICE == "cuda" and dtype == torch.float32 else dtype
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_qkv(batch, heads_q, heads_kv, seq_q, seq_k, head_dim, dtype, device="cpu", lengths=None):
+    """Random (B, H, S, D) q, k, v, or packed (total, H, D) ones when ``lengths`` is given."""
+    if lengths is not None:
+        total = sum(lengths)
+        shapes = [(total, heads_q, head_dim), (total, heads_kv, head_dim), (total, heads_kv, head_dim)]
+    else:
+        shapes = [(batch, heads_q, seq_q, head_dim), (batch, heads_kv, seq_k, head_dim),
+                  (batch, heads_kv, seq_k, head_dim)]
+    return [torch.randn(s, dtype=dtype, device=device).requires_grad_() for s in shapes]
+
+
+def cu_seqlens_of(lengths, device="cpu"):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def forward_backward(fn, tensors, grad_out):
+    out = fn(*tensors)
+    grads = torch.autograd.grad(out, tensors, grad_out)
+    return [out, *grads]
+
+
+def assert_tolerance(fast, ref32, plain, dtype, names=("out", "dq", "dk", "dv")):
+    """|fast - ref32| <= 2 |plain - ref32| + atol, element-wise maxima, for each tensor."""
+    for name, f, r, p in zip(names, fast, ref32, plain):
+        assert f.shape == r.shape, f"{name}: shape {tuple(f.shape)} != {tuple(r.shape)}"
+        assert f.dtype == p.dtype, f"{name}: dtype {f.dtype} != {p.dtype}"
+        assert torch.isfinite(f).all(), f"{name} has non-finite values"
+        err_fast = (f.float() - r.float()).abs().max().item()
+        err_plain = (p.float() - r.float()).abs().max().item()
+        bound = 2 * err_plain + ATOL[dtype]
+        assert err_fast <= bound, f"{name}: error {err_fast:.3g} > 2 x {err_plain:.3g} + {ATOL[dtype]:g}"
+
+
+def check_against_reference(backend, qkv, dtype, *, dropout_seed=None, dropout_p=0.0, **kwargs):
+    """Run ``attention`` with ``backend`` and compare output and dq, dk, dv with the fp32 and
+    same-dtype references. With dropout, the references get the mask replayed explicitly."""
+    grad_out = torch.randn_like(qkv[0])
+    generator = None
+    mask = None
+    if dropout_p:
+        generator = torch.Generator().manual_seed(dropout_seed)
+        seed = int(draw_dropout_seed(torch.Generator().manual_seed(dropout_seed)))
+        q, k = qkv[0], qkv[1]
+        if kwargs.get("cu_seqlens") is not None:
+            mask = varlen_dropout_mask(seed, kwargs["cu_seqlens"], q.shape[1], dropout_p)
+        else:
+            mask = attention_dropout_mask(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2], dropout_p, q.device)
+    fast = forward_backward(
+        lambda q, k, v: attention(q, k, v, backend=backend, dropout_p=dropout_p, generator=generator, **kwargs),
+        qkv, grad_out)
+    ref_kwargs = dict(kwargs, dropout_mask=mask, dropout_p=dropout_p)
+    ref_kwargs.pop("max_seqlen", None)
+    qkv32 = [t.detach().float().requires_grad_() for t in qkv]
+    ref32 = forward_backward(lambda q, k, v: attention_ref(q, k, v, **ref_kwargs), qkv32, grad_out.float())
+    plain = forward_backward(lambda q, k, v: attention_ref(q, k, v, upcast=False, **ref_kwargs), qkv, grad_out)
+    assert_tolerance(fast, ref32, plain, dtype)
+    return fast
+
+
+# --------------------------------------------------------------------------- torch backend
+
+SHAPES = [  # (batch, heads_q, heads_kv, seq_q, seq_k, head_dim)
+    (2, 2, 2, 1, 1, 16),
+    (2, 4, 2, 7, 7, 80),
+    (1, 4, 1, 113, 113, 64),
+    (2, 2, 2, 7, 33, 128),
+    (2, 3, 3, 40, 9, 24),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_matches_reference(shape, causal, padded, dtype):
+    batch, *_, seq_k, _ = shape
+    qkv = make_qkv(*shape, dtype)
+    mask = torch.rand(batch, seq_k) > 0.3 if padded else None
+    check_against_reference("torch", qkv, dtype, causal=causal, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(3, 5), (5, 3), (7, 7)])
+def test_causal_alignment_is_sdpa_top_left(seq_q, seq_k):
+    """causal=True with seq_q != seq_k equals SDPA's is_causal (and so the reference)."""
+    q, k, v = (t.detach() for t in make_qkv(2, 2, 2, seq_q, seq_k, 16, torch.float32))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for backend_out in (attention(q, k, v, causal=True), attention_ref(q, k, v, causal=True)):
+        torch.testing.assert_close(backend_out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torch_backend_varlen(causal, dtype):
+    lengths = [5, 0, 17, 1, 9]  # includes an empty and a one-token document
+    cu = cu_seqlens_of(lengths)
+    qkv = make_qkv(0, 4, 2, 0, 0, 32, dtype, lengths=lengths)
+    check_against_reference("torch", qkv, dtype, causal=causal, cu_seqlens=cu, max_seqlen=17)
+
+
+def test_varlen_has_no_attention_across_documents():
+    """Changing one document's keys/values leaves every other document's output unchanged."""
+    lengths = [6, 4, 7]
+    cu = cu_seqlens_of(lengths)
+    q, k, v = (t.detach() for t in make_qkv(0, 2, 2, 0, 0, 16, torch.float32, lengths=lengths))
+    out = attention(q, k, v, cu_seqlens=cu)
+    k2, v2 = k.clone(), v.clone()
+    k2[6:10] += 1.0
+    v2[6:10] -= 2.0
+    out2 = attention(q, k2, v2, cu_seqlens=cu)
+    assert torch.equal(out[:6], out2[:6]) and torch.equal(out[10:], out2[10:])
+    assert not torch.allclose(out[6:10], out2[6:10])
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_rows_without_keys_output_zero_and_zero_gradient(backend):
+    device, dtype = (TRITON_DEVICE, triton_dtype(torch.float32)) if backend == "triton" else ("cpu", torch.float32)
+    # batch 0: left padding + causal -> queries 0, 1 see only padded keys; batch 1: all padded.
+    mask = torch.tensor([[False, False, True, True, True], [False] * 5], device=device)
+    qkv = make_qkv(2, 2, 2, 5, 5, 16, dtype, device)
+    out = attention(*qkv, causal=True, key_padding_mask=mask, backend=backend)
+    grads = torch.autograd.grad(out, qkv, torch.randn_like(out))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert out[0, :, :2].abs().max() == 0 and out[1].abs().max() == 0
+    assert out[0, :, 2:].abs().min() > 0
+    assert grads[0][0, :, :2].abs().max() == 0 and grads[0][1].abs().max() == 0
+    assert grads[1][1].abs().max() == 0 and grads[2][1].abs().max() == 0  # padded keys get no gradient
+    # The rows that do have keys match the reference.
+    ref = attention_ref(*qkv, causal=True, key_padding_mask=mask)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, atol=tolerance, rtol=tolerance)
+
+
+# --------------------------------------------------------------------------- triton (interpreter)
+
+TRITON_CASES = [  # (shape, dtype, causal, padded)
+    ((2, 2, 2, 7, 7, 16), torch.float32, False, False),
+    ((1, 2, 2, 1, 1, 128), torch.float16, True, False),
+    ((1, 4, 2, 113, 113, 64), torch.float16, True, False),
+    ((1, 2, 1, 113, 20, 16), torch.float32, False, True),
+    ((2, 4, 2, 33, 40, 80), torch.float32, True, True),
+    ((1, 2, 2, 7, 70, 128), torch.float16, True, True),
+    ((2, 2, 2, 70, 7, 16), torch.float16, True, True),
+    ((1, 2, 2, 20, 20, 48), torch.bfloat16, False, True),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape,dtype,causal,padded", TRITON_CASES,
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else str(c))
+def test_triton_matches_reference(shape, dtype, causal, padded):
+    batch, *_, seq_k, _ = shape
+    dtype = triton_dtype(dtype)
+    qkv = make_qkv(*shape, dtype, TRITON_DEVICE)
+    mask = torch.rand(batch, seq_k, device=TRITON_DEVICE) > 0.3 if padded else None
+    check_against_reference("triton", qkv, dtype, causal=causal, key_padding_mask=mask)
+
+
+@pytest.mark.interpret
+def test_triton_strided_inputs():
+    """(batch, seq, heads, dim) storage viewed as (batch, heads, seq, dim), as HF passes it."""
+    dtype = triton_dtype(torch.float32)
+    q, k, v = (torch.randn(2, 9, 2, 16, device=TRITON_DEVICE, dtype=dtype).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    check_against_reference("triton", [q, k, v], dtype, causal=True)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal,dtype,head_dim", [(True, torch.float32, 64), (False, torch.float16, 80)])
+def test_triton_varlen(causal, dtype, head_dim):
+    lengths = [5, 0, 37, 1, 9]
+    cu = cu_seqlens_of(lengths, TRITON_DEVICE)
+    dtype = triton_dtype(dtype)
+    qkv = make_qkv(0, 2, 1, 0, 0, head_dim, dtype, TRITON_DEVICE, lengths=lengths)
+    check_against_reference("triton", qkv, dtype, causal=causal, cu_seqlens=cu)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_dropout_mask_keeps_one_minus_p():
+    keep = attention_dropout_mask(1234, 2, 4, 32, 48, 0.3)
+    assert keep.shape == (2, 4, 32, 48)
+    assert abs(keep.float().mean().item() - 0.7) < 0.015  # 12k draws: std 0.004
+    # Heads and batch elements get different masks.
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+
+
+@pytest.mark.interpret
+def test_torch_philox_twin_matches_triton_rand():
+    """The torch Philox reproduces tl.rand bit for bit (keys with high bits, wrapped counters)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rand_kernel(Out, Keys, Offsets, n, BLOCK: tl.constexpr):
+        idx = tl.arange(0, BLOCK)
+        ok = idx < n
+        offset = tl.load(Offsets + idx, mask=ok, other=0).to(tl.uint32)
+        for i in range(0, 3):  # tl.rand takes one scalar key per call
+            key = tl.load(Keys + i)
+            tl.store(Out + i * n + idx, tl.rand(key, offset), mask=ok)
+
+    from fastft.ops.attention import _philox_uniform
+
+    keys = torch.tensor([7, 123456789 + (5 << 32), 2**31 - 2 + (77 << 32)], dtype=torch.int64)
+    offsets = torch.cat([torch.arange(40), torch.randint(0, 2**32, (24,))])  # int64 in [0, 2**32)
+    out = torch.empty(3, offsets.numel(), device=TRITON_DEVICE)
+    rand_kernel[(1,)](out, keys.to(TRITON_DEVICE), offsets.to(TRITON_DEVICE), offsets.numel(), BLOCK=64)
+    expected = _philox_uniform(keys[:, None].expand(3, offsets.numel()), offsets[None].expand(3, -1))
+    assert torch.equal(out.cpu(), expected)
+
+
+@pytest.mark.parametrize("causal,padded", [(False, False), (True, True)])
+def test_torch_dropout_gradients_with_explicit_mask(causal, padded):
+    qkv = make_qkv(2, 4, 2, 23, 31, 16, torch.float32)
+    mask = torch.rand(2, 31) > 0.2 if padded else None
+    check_against_reference("torch", qkv, torch.float32, causal=causal, key_padding_mask=mask,
+                            dropout_p=0.25, dropout_seed=11)
+
+
+def test_torch_dropout_varlen_gradients():
+    lengths = [7, 0, 12]
+    qkv = make_qkv(0, 2, 2, 0, 0, 16, torch.float32, lengths=lengths)
+    check_against_reference("torch", qkv, torch.float32, causal=True, cu_seqlens=cu_seqlens_of(lengths),
+                            dropout_p=0.4, dropout_seed=3)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_dropout_reproducible_for_a_seed(backend):
+    device, dtype = (TRITON_DEVICE, triton_dtype(torch.float32)) if backend == "triton" else ("cpu", torch.float32)
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 9, 9, 16, dtype, device))
+
+    def run(seed):
+        return attention(q, k, v, dropout_p=0.5, generator=torch.Generator().manual_seed(seed), backend=backend)
+
+    torch.testing.assert_close(run(5), run(5), atol=0, rtol=0)
+    assert not torch.allclose(run(5), run(6))
+    torch.manual_seed(9)  # the default generator works the same way
+    first = attention(q, k, v, dropout_p=0.5, backend=backend)
+    torch.manual_seed(9)
+    torch.testing.assert_close(attention(q, k, v, dropout_p=0.5, backend=backend), first, atol=0, rtol=0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("varlen", [False, True])
+def test_triton_dropout(varlen):
+    """Triton dropout drops exactly the torch twin's mask: outputs and gradients vs the
+    explicit-mask reference."""
+    if varlen:
+        lengths = [9, 40, 3]
+        qkv = make_qkv(0, 4, 2, 0, 0, 16, torch.float16, TRITON_DEVICE, lengths=lengths)
+        kwargs = dict(cu_seqlens=cu_seqlens_of(lengths, TRITON_DEVICE), causal=True)
+    else:
+        qkv = make_qkv(2, 2, 1, 37, 41, 32, torch.float16, TRITON_DEVICE)
+        kwargs = dict(key_padding_mask=torch.rand(2, 41, device=TRITON_DEVICE) > 0.2)
+    fast = check_against_reference("triton", qkv, torch.float16, dropout_p=0.3, dropout_seed=21, **kwargs)
+    same_on_torch = check_against_reference("torch", qkv, torch.float16, dropout_p=0.3, dropout_seed=21, **kwargs)
+    torch.testing.assert_close(fast[0], same_on_torch[0], atol=2e-3, rtol=2e-3)
+
+
+# --------------------------------------------------------------------------- dispatch, errors
+
+
+def test_cpu_auto_is_torch_and_reasons_are_given():
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 2, 5, 5, 300, torch.float32))
+    reasons = backend_reasons(q, k, v)
+    assert reasons["torch"]() == []
+    assert any("head_dim=300" in r for r in reasons["triton"]())
+    assert reasons["cuda"]()  # no CUDA tensors (and no extension) here
+    with pytest.raises(ValueError, match="head_dim=300"):
+        attention(q, k, v, backend="triton")
+    if not CUDA:
+        with pytest.raises(ValueError, match="backend='cuda' cannot run"):
+            attention(q, k, v, backend="cuda")
+    torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def _dense():
+    return [t.detach() for t in make_qkv(2, 4, 2, 5, 6, 16, torch.float32)]
+
+
+def _packed():
+    return [t.detach() for t in make_qkv(0, 4, 2, 0, 0, 16, torch.float32, lengths=[3, 4])]
+
+
+BAD_INPUTS = [  # (name, build (q, k, v, kwargs), exception, message)
+    ("q not a tensor", lambda q, k, v: ((q.tolist(), k, v), {}), TypeError, "q must be a torch.Tensor"),
+    ("int dtype", lambda q, k, v: ((q.long(), k, v), {}), TypeError, "q must be fp32, fp16 or bf16"),
+    ("dtype mismatch", lambda q, k, v: ((q, k.half(), v), {}), TypeError, "k dtype"),
+    ("3-d q", lambda q, k, v: ((q[0], k, v), {}), ValueError, "q must have shape"),
+    ("v shape", lambda q, k, v: ((q, k, v[:, :, :3]), {}), ValueError, "v must have the shape of k"),
+    ("head_dim mismatch", lambda q, k, v: ((q, k[..., :8], v[..., :8]), {}), ValueError, "head_dim"),
+    ("heads do not divide", lambda q, k, v: ((q, k[:, :1].expand(2, 3, 6, 16), v[:, :1].expand(2, 3, 6, 16)), {}),
+     ValueError, "must divide q heads"),
+    ("batch mismatch", lambda q, k, v: ((q, k[:1], v[:1]), {}), ValueError, "batch"),
+    ("mask dtype", lambda q, k, v: ((q, k, v), dict(key_padding_mask=torch.ones(2, 6))), TypeError, "bool"),
+    ("mask shape", lambda q, k, v: ((q, k, v), dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool))),
+     ValueError, r"key_padding_mask must have shape \(batch, seq_k\)"),
+    ("dropout 1", lambda q, k, v: ((q, k, v), dict(dropout_p=1.0)), ValueError, "dropout_p"),
+    ("dropout negative", lambda q, k, v: ((q, k, v), dict(dropout_p=-0.1)), ValueError, "dropout_p"),
+    ("causal not bool", lambda q, k, v: ((q, k, v), dict(causal=1)), TypeError, "causal"),
+    ("max_seqlen without cu_seqlens", lambda q, k, v: ((q, k, v), dict(max_seqlen=4)), ValueError, "max_seqlen"),
+    ("unknown backend", lambda q, k, v: ((q, k, v), dict(backend="flash")), ValueError, "backend must be one of"),
+]
+
+BAD_VARLEN = [
+    ("cu_seqlens int64", dict(cu_seqlens=torch.tensor([0, 3, 7])), TypeError, "int32"),
+    ("cu_seqlens start", dict(cu_seqlens=torch.tensor([1, 3, 7], dtype=torch.int32)), ValueError, "start at 0"),
+    ("cu_seqlens decreasing", dict(cu_seqlens=torch.tensor([0, 5, 4, 7], dtype=torch.int32)), ValueError,
+     "non-decreasing"),
+    ("cu_seqlens end", dict(cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError,
+     "end at total_tokens=7"),
+    ("cu_seqlens 2-d", dict(cu_seqlens=torch.tensor([[0, 3, 7]], dtype=torch.int32)), ValueError, "cu_seqlens"),
+    ("varlen with padding mask", dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32),
+                                      key_padding_mask=torch.ones(1, 7, dtype=torch.bool)), ValueError,
+     "key_padding_mask cannot be combined"),
+    ("max_seqlen too small", dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), max_seqlen=3), ValueError,
+     "max_seqlen=3"),
+]
+
+
+@pytest.mark.parametrize("name,build,error,message", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_raises(name, build, error, message):
+    args, kwargs = build(*_dense())
+    with pytest.raises(error, match=message):
+        attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name,kwargs,error,message", BAD_VARLEN, ids=[c[0] for c in BAD_VARLEN])
+def test_bad_varlen_input_raises(name, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        attention(*_packed(), **kwargs)
+
+
+def test_varlen_k_tokens_must_match():
+    q, k, v = _packed()
+    with pytest.raises(ValueError, match="total_tokens"):
+        attention(q, k[:5], v[:5], cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32))
+
+
+# --------------------------------------------------------------------------- torch.library / compile
+
+
+def _op_args(backend, dropout):
+    device, dtype = (TRITON_DEVICE, triton_dtype(torch.float32)) if backend == "triton" else ("cpu", torch.float32)
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv(2, 4, 2, 7, 9, 16, dtype, device))
+    mask = torch.rand(2, 9, device=device) > 0.2
+    seed = draw_dropout_seed() if dropout else None
+    return (q, k, v, mask, None, seed, 0, True, 0.25, 0.2 if dropout else 0.0, backend)
+
+
+@pytest.mark.parametrize("backend,dropout", [("torch", False), ("torch", True),
+                                             pytest.param("triton", True, marks=pytest.mark.interpret)])
+def test_opcheck(backend, dropout):
+    from fastft.ops.attention import _attention_op
+
+    # The op's registration is backend independent (checked in full on torch); for triton
+    # check that its real outputs (lse included) match the fake ones, with few interpreter runs.
+    utils = ("test_schema", "test_faketensor") if backend == "triton" else None
+    torch.library.opcheck(_attention_op, _op_args(backend, dropout), test_utils=utils or
+                          ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_opcheck_backward_op():
+    from fastft.ops.attention import _attention_backward_op
+
+    q, k, v, mask, cu, seed, max_seqlen, causal, scale, dropout_p, backend = _op_args("torch", True)
+    out = torch.randn_like(q)
+    lse = q.new_empty(0)  # the torch backend keeps no lse
+    args = (torch.randn_like(q), q, k, v, out, lse, mask, cu, seed, max_seqlen, causal, scale, dropout_p, backend)
+    torch.library.opcheck(_attention_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_opcheck_varlen():
+    from fastft.ops.attention import _attention_op
+
+    lengths = [3, 0, 6]
+    q, k, v = (t.detach().requires_grad_() for t in make_qkv(0, 2, 1, 0, 0, 16, torch.float32, lengths=lengths))
+    torch.library.opcheck(_attention_op, (q, k, v, None, cu_seqlens_of(lengths), None, 6, True, 0.25, 0.0, "torch"))
+
+
+@pytest.mark.parametrize("backend,varlen,dropout", [
+    ("torch", False, False),  # plain differentiable torch (SDPA)
+    ("torch", False, True),
+    ("torch", True, False),  # through the custom op
+    pytest.param("triton", False, True, marks=pytest.mark.interpret),
+])
+def test_torch_compile_fullgraph(backend, varlen, dropout):
+    """No graph break (fullgraph=True), and the same output and gradients as eager."""
+    torch._dynamo.reset()
+    device, dtype = (TRITON_DEVICE, triton_dtype(torch.float32)) if backend == "triton" else ("cpu", torch.float32)
+    if varlen:
+        lengths = [4, 0, 9]
+        q, k, v = make_qkv(0, 4, 2, 0, 0, 16, dtype, device, lengths=lengths)
+        kwargs = dict(cu_seqlens=cu_seqlens_of(lengths, device), max_seqlen=9)
+    else:
+        q, k, v = make_qkv(2, 4, 2, 7, 9, 16, dtype, device)
+        kwargs = dict(key_padding_mask=torch.rand(2, 9, device=device) > 0.2)
+
+    def block(q, k, v):
+        out = attention(q * 1.5, k, v, causal=True, dropout_p=0.3 if dropout else 0.0, backend=backend, **kwargs)
+        return out.sin()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(4)
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    torch.manual_seed(4)
+    eager = block(q, k, v)
+    eager_grads = torch.autograd.grad(eager.sum(), (q, k, v))
+    torch.testing.assert_close(out, eager)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+GPU_CASES = [  # (shape, causal, padded)
+    ((2, 8, 8, 113, 113, 64), False, False),
+    ((2, 8, 2, 257, 257, 128), True, True),
+    ((1, 4, 4, 77, 300, 64), True, False),
+    ((1, 4, 4, 300, 77, 128), True, True),
+    ((2, 4, 1, 1023, 1023, 128), True, False),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,causal,padded", GPU_CASES, ids=lambda c: "x".join(map(str, c))
+                         if isinstance(c, tuple) else str(c))
+def test_gpu_backends_match_reference(backend, dtype, shape, causal, padded):
+    batch, *_, seq_k, _ = shape
+    qkv = make_qkv(*shape, dtype, device="cuda")
+    mask = torch.rand(batch, seq_k, device="cuda") > 0.2 if padded else None
+    if backend == "cuda":
+        reasons = backend_reasons(*qkv, key_padding_mask=mask)["cuda"]()
+        if reasons:
+            pytest.skip("cuda backend: " + "; ".join(reasons))
+    check_against_reference(backend, qkv, dtype, causal=causal, key_padding_mask=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [16, 80, 256])
+def test_gpu_triton_head_dims_varlen_dropout(head_dim):
+    lengths = [100, 1, 517, 64]
+    qkv = make_qkv(0, 8, 2, 0, 0, head_dim, torch.bfloat16, device="cuda", lengths=lengths)
+    cu = cu_seqlens_of(lengths, "cuda")
+    check_against_reference("triton", qkv, torch.bfloat16, causal=True, cu_seqlens=cu)
+    check_against_reference("triton", qkv, torch.bfloat16, causal=True, cu_seqlens=cu, dropout_p=0.1,
+                            dropout_seed=5)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_prefers_fast_backend():
+    qkv = [t.detach() for t in make_qkv(1, 2, 2, 64, 64, 64, torch.float16, device="cuda")]
+    reasons = backend_reasons(*qkv)
+    chosen = next(name for name in ("cuda", "triton", "torch") if not reasons[name]())
+    assert chosen in ("cuda", "triton")
