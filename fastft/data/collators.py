@@ -200,7 +200,8 @@ class MaskedLMCollator(_Collator):
         eligible = batch["attention_mask"].bool() & ~torch.isin(input_ids, self.special_ids)  # (B, T)
         draws = torch.rand(input_ids.shape, generator=self.generator)  # (B, T)
         if self.whole_word_mask:
-            word_starts = self._word_starts(examples, batch) | ~eligible  # specials: words of their own
+            word_starts = self._word_starts(examples, batch).bool() | ~eligible  # specials: words of their own
+            word_starts[:, 0] = True  # a block may open mid-word: that piece is a word here
             word_index = word_starts.long().cumsum(dim=1) - 1  # (B, T): word number per token
             # One draw per word: the draw at the word's index decides all its tokens.
             selected = draws.gather(1, word_index) < self.mlm_probability

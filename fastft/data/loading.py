@@ -11,8 +11,8 @@ default). Sources:
 Plain text files (decision): ``txt_mode="line"`` (default) makes every non-empty line one
 document; ``txt_mode="paragraph"`` makes every block of lines separated by one or more
 blank lines one document (its lines are kept, joined by ``"\\n"``, and are the sentences
-that next-sentence prediction pairs up). Blank and whitespace-only documents are dropped
-in both modes.
+that next-sentence prediction pairs up). Documents from text files are stripped of
+surrounding whitespace; blank documents are dropped in both modes.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ def load_documents(
     Raises:
         ValueError: unknown ``txt_mode``, mixed/unknown file extensions, or no
             ``text_column`` in the loaded data.
+        FileNotFoundError: ``source`` looks like a file path (known extension, or starts
+            with ``.``, ``/``, ``~``) but matches no file (rather than asking the Hub).
     """
     if txt_mode not in TXT_MODES:
         raise ValueError(f"txt_mode must be one of {TXT_MODES}, got {txt_mode!r}")
@@ -87,6 +89,8 @@ def load_documents(
         if paths is None:
             if not isinstance(source, str):
                 raise ValueError(f"source: no such files: {source!r}")
+            if os.path.splitext(source)[1].lower() in _BUILDERS or source.startswith((".", "/", "~")):
+                raise FileNotFoundError(f"source: no such file {source!r}")
             # Not a local file: a Hub dataset name (needs the network).
             dataset = datasets.load_dataset(source, name, split=split)
         else:
@@ -99,6 +103,8 @@ def load_documents(
             builder = builders.pop()
             kwargs = {"sample_by": txt_mode} if builder == "text" else {}
             dataset = datasets.load_dataset(builder, data_files=paths, split="train", **kwargs)
+            if builder == "text":  # paragraphs keep their surrounding newlines: drop them
+                dataset = dataset.map(lambda row: {"text": row["text"].strip()})
             if builder == "text" and text_column != "text":
                 dataset = dataset.rename_column("text", text_column)
     if text_column not in dataset.column_names:

@@ -1,1 +1,58 @@
-"""(filled in by its issue)"""
+"""Training: one loop (``loop.py``) shared by pretraining and fine-tuning.
+
+    import fastft
+    state = fastft.pretrain(model, tokenizer, "corpus.txt", objective="mlm", max_steps=1000)
+    metrics = fastft.evaluate(state.model, "held_out.txt", "mlm", tokenizer=tokenizer)
+
+Fine-tuning builds on ``train`` with its own ``Objective``, ``param_groups``, callbacks
+and ``extra_losses``; schedules register in ``SCHEDULES``.
+"""
+
+from fastft.train.callbacks import Callback, EarlyStopping
+from fastft.train.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
+from fastft.train.config import (
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
+from fastft.train.loop import TrainState, accumulate_gradients, build_optimizer, evaluate, train
+from fastft.train.objectives import CausalLM, MaskedLM, MaskedLMWithNSP, Objective, get_objective, model_inputs
+from fastft.train.pretrain import pretrain
+from fastft.train.schedules import SCHEDULES, build_scheduler, register_schedule
+
+__all__ = [
+    "SCHEDULES",
+    "Callback",
+    "CausalLM",
+    "DataConfig",
+    "EarlyStopping",
+    "MaskedLM",
+    "MaskedLMWithNSP",
+    "ModelConfig",
+    "Objective",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "TrainState",
+    "accumulate_gradients",
+    "apply_overrides",
+    "build_optimizer",
+    "build_scheduler",
+    "config_from_dict",
+    "evaluate",
+    "export_pretrained",
+    "get_objective",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_config",
+    "model_inputs",
+    "pretrain",
+    "register_schedule",
+    "save_checkpoint",
+    "train",
+]

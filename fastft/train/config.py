@@ -20,6 +20,7 @@ is unique across the sections.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -29,6 +30,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
+    "ParallelConfig",
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
@@ -37,6 +39,25 @@ __all__ = [
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+FSDP_DTYPES = (None, "fp32", "bf16", "fp16")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML implements YAML 1.1, where ``3e-4`` (no dot) is a *string*; YAML 1.2 and every
+    user mean a float. This loader adds the 1.2 float pattern."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str):
+    """``yaml.safe_load`` with YAML 1.2 floats (``3e-4`` -> 0.0003)."""
+    return yaml.load(text, Loader=_YamlLoader)
 OBJECTIVES = ("mlm", "clm", "mlm+nsp")
 
 
@@ -95,6 +116,19 @@ class ModelConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Options of the ``distributed`` modes (``fastft.train.distributed``); launch with
+    ``torchrun --nproc_per_node N -m fastft pretrain ... distributed=ddp|fsdp``."""
+
+    timeout_s: float = 600.0  # a collective waiting longer than this on a rank fails the job
+    find_unused_parameters: bool = False  # DDP: models whose forward skips some trainable weights
+    cpu_offload: bool = False  # FSDP: keep sharded weights, gradients, optimizer state on the CPU
+    param_dtype: str | None = None  # FSDP: compute dtype of the gathered weights ("bf16" ...); None: as stored
+    reduce_dtype: str | None = None  # FSDP: gradient reduce-scatter dtype; None: param_dtype
+    reshard_after_forward: bool = True  # FSDP: free gathered weights after forward (ZeRO-3); False: ZeRO-2-like
+
+
+@dataclass
 class TrainConfig:
     """Everything a run needs. Steps are optimizer steps; a batch is a micro-batch."""
 
@@ -121,14 +155,25 @@ class TrainConfig:
     progress: bool = True  # tqdm bar
     plot: bool = True  # loss / perplexity curve PNG at the end
     export: bool = True  # save_pretrained + tokenizer into output_dir/final
+    # Data parallelism under torchrun: "ddp" (model fits one device), "fsdp" (FSDP2
+    # fully_shard per transformer block), "none", or "auto" (ddp when WORLD_SIZE > 1).
+    distributed: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self.parallel, name) not in FSDP_DTYPES:
+                raise ValueError(f"parallel.{name} must be one of {FSDP_DTYPES}, got {getattr(self.parallel, name)!r}")
+        if self.parallel.timeout_s <= 0:
+            raise ValueError(f"parallel.timeout_s must be > 0, got {self.parallel.timeout_s}")
         for name in ("batch_size", "grad_accum_steps", "epochs", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -213,7 +258,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | Mapping[str, Any
             key, sep, text = item.partition("=")
             if not sep or not key:
                 raise ValueError(f"override {item!r} is not key=value")
-            parsed[key.strip()] = yaml.safe_load(text) if text.strip() else None
+            parsed[key.strip()] = parse_yaml(text) if text.strip() else None
         overrides = parsed
     for key, value in overrides.items():
         _set_dotted(config, key, value)
@@ -231,7 +276,7 @@ def load_config(path: str | None = None, overrides: list[str] | Mapping[str, Any
     values = {}
     if path is not None:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = parse_yaml(f.read()) or {}
         if not isinstance(values, Mapping):
             raise TypeError(f"{path}: the top level must be a mapping of config keys")
     return apply_overrides(config_from_dict(TrainConfig, values), overrides)

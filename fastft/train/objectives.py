@@ -68,15 +68,21 @@ class Objective:
         raise NotImplementedError
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision losses to fp32; keep fp64 (exactness tests run in fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _summed_token_loss(mean_loss: torch.Tensor, count: int) -> torch.Tensor:
     """A Hugging Face head's mean token loss times its token count = the summed loss.
 
     Going through the model's own ``labels=`` path keeps fastft.patch's fused loss in use.
     A batch with nothing to predict gives 0 (the model's 0/0 mean would be NaN).
     """
+    mean_loss = _at_least_fp32(mean_loss)
     if count == 0:
-        return mean_loss.new_zeros(()).float()
-    return mean_loss.float() * count
+        return mean_loss.new_zeros(())
+    return mean_loss * count
 
 
 class MaskedLM(Objective):
@@ -128,12 +134,12 @@ class MaskedLMWithNSP(Objective):
             raise ValueError("objective 'mlm+nsp' needs a model with a next-sentence head (e.g. BertForPreTraining)")
         counts = self.counts(batch)
         out = model(**model_inputs(model, batch))
-        nsp_logits = out.seq_relationship_logits.float()  # (B, 2)
+        nsp_logits = _at_least_fp32(out.seq_relationship_logits)  # (B, 2)
         nsp_sum = F.cross_entropy(nsp_logits, batch["next_sentence_label"], reduction="sum")
         if counts["mlm"] == 0:
-            mlm_sum = out.loss.new_zeros(()).float()
+            mlm_sum = nsp_sum.new_zeros(())
         else:
-            mlm_mean = out.loss.float() - nsp_sum / counts["nsp"]  # the model's sum minus its NSP mean
+            mlm_mean = _at_least_fp32(out.loss) - nsp_sum / counts["nsp"]  # the model's sum minus its NSP mean
             mlm_sum = mlm_mean * counts["mlm"]
         return {"mlm": mlm_sum, "nsp": nsp_sum}, out
 

@@ -1,0 +1,73 @@
+"""Callbacks: hooks into the loop for what varies between runs.
+
+Fine-tuning strategies plug in here: gradual unfreezing (``on_epoch_end`` flips
+``requires_grad``; every parameter is already in the optimizer, frozen ones simply have
+no gradient), best-checkpoint selection (``on_evaluate``), custom logging. A callback
+may set ``state.should_stop = True`` to end training after the current step. Callbacks
+with state to carry across a resume implement ``state_dict`` / ``load_state_dict``
+(saved in every checkpoint, keyed by position in the callback list).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Callback", "EarlyStopping"]
+
+
+class Callback:
+    """Base class: override the hooks you need. ``state`` is the loop's ``TrainState``
+    (model, optimizer, scheduler, config, step, epoch, metrics ...)."""
+
+    def on_train_begin(self, state) -> None:
+        pass
+
+    def on_step_end(self, state, metrics: dict[str, Any]) -> None:
+        """After each optimizer step; ``metrics`` has loss, lr, grad_norm, tokens."""
+
+    def on_evaluate(self, state, metrics: dict[str, Any]) -> None:
+        """After each evaluation, before the checkpoint of that step is written."""
+
+    def on_epoch_end(self, state) -> None:
+        pass
+
+    def on_train_end(self, state) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class EarlyStopping(Callback):
+    """Stop when ``metric`` (lower is better unless ``mode="max"``) has not improved by
+    more than ``min_delta`` for ``patience`` evaluations in a row."""
+
+    def __init__(self, patience: int, metric: str = "loss", *, mode: str = "min", min_delta: float = 0.0):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.patience, self.metric, self.mode, self.min_delta = patience, metric, mode, min_delta
+        self.best: float | None = None
+        self.bad_evaluations = 0
+
+    def on_evaluate(self, state, metrics):
+        if self.metric not in metrics:
+            raise KeyError(f"EarlyStopping: metric {self.metric!r} not in evaluation metrics {sorted(metrics)}")
+        value = float(metrics[self.metric])
+        sign = 1.0 if self.mode == "min" else -1.0
+        if self.best is None or sign * (self.best - value) > self.min_delta:
+            self.best, self.bad_evaluations = value, 0
+        else:
+            self.bad_evaluations += 1
+            if self.bad_evaluations >= self.patience:
+                state.should_stop = True
+
+    def state_dict(self):
+        return {"best": self.best, "bad_evaluations": self.bad_evaluations}
+
+    def load_state_dict(self, state):
+        self.best, self.bad_evaluations = state["best"], state["bad_evaluations"]

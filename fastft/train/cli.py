@@ -1,0 +1,160 @@
+"""``fastft pretrain`` / ``fastft eval`` (and placeholders for ``finetune`` / ``predict``).
+
+    fastft pretrain --config run.yaml optim.lr=3e-4 data.block_size=64 max_steps=100
+    fastft eval --model runs/bert/final --data held_out.txt
+
+``fastft.cli`` routes here with the command name first: ``main(command, argv)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _valid_keys_text() -> str:
+    from fastft.train.config import TrainConfig
+
+    lines = []
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"  {prefix}{f.name} = {value!r}")
+
+    walk(TrainConfig(), "")
+    return "\n".join(lines)
+
+
+def _pretrain(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastft pretrain",
+        description="Pretrain a language model (masked-LM / causal-LM / +NSP) from a YAML config.",
+        epilog="keys (default values):\n" + _valid_keys_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file mapped onto fastft.train.config.TrainConfig")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=3e-4 data.block_size=64")
+    args = parser.parse_args(argv)
+
+    from fastft.train.config import load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except (KeyError, ValueError, TypeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"fastft pretrain: {message}", file=sys.stderr)
+        return 2
+    if not config.model.name_or_path:
+        print("fastft pretrain: model.name_or_path is required (in the YAML or as an override)", file=sys.stderr)
+        return 2
+    if config.data.train is None:
+        print("fastft pretrain: data.train is required (in the YAML or as an override)", file=sys.stderr)
+        return 2
+
+    from fastft.train.pretrain import pretrain
+
+    state = pretrain(None, None, None, config=config)
+    summary = {
+        "step": state.step,
+        "tokens_seen": state.tokens_seen,
+        "train": state.last_train,
+        "eval": state.last_eval,
+        "checkpoint": state.checkpoint_path,
+        "export": state.export_path,
+    }
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _objective_of(hf_config) -> str:
+    """Guess the objective from a model config's architectures."""
+    architectures = getattr(hf_config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "clm"
+    if any(a.endswith("ForPreTraining") for a in architectures):
+        return "mlm+nsp"
+    if getattr(hf_config, "is_decoder", False):
+        return "clm"
+    return "mlm"
+
+
+def _eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastft eval",
+        description="Held-out loss and perplexity of a checkpoint or exported model on a text set.",
+    )
+    parser.add_argument("--model", required=True, help="a fastft checkpoint directory, an export (final/), or a Hub name")
+    parser.add_argument("--data", required=True, nargs="+", help="text file(s) (.txt/.json/.jsonl/.csv/.parquet) or a Hub name")
+    parser.add_argument("--objective", choices=["mlm", "clm", "mlm+nsp"], help="default: from the model's architecture")
+    parser.add_argument("--tokenizer", help="default: --model")
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--no-packing", action="store_true", help="pad per batch instead of packing")
+    parser.add_argument("--txt-mode", choices=["line", "paragraph"], default="line")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-batches", type=int)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the evaluation masks (masked-LM)")
+    parser.add_argument("--output", help="also write the metrics as JSON to this file")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    from fastft.train.loop import evaluate, resolve_device
+
+    hf_config = transformers.AutoConfig.from_pretrained(args.model)
+    objective = args.objective or _objective_of(hf_config)
+    auto = {
+        "mlm": transformers.AutoModelForMaskedLM,
+        "clm": transformers.AutoModelForCausalLM,
+        "mlm+nsp": transformers.AutoModelForPreTraining,
+    }[objective]
+    model = auto.from_pretrained(args.model).to(resolve_device(args.device))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    data = args.data if len(args.data) > 1 else args.data[0]
+    metrics = evaluate(
+        model,
+        data,
+        objective,
+        tokenizer=tokenizer,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        precision=args.precision,
+        seed=args.seed,
+        block_size=args.block_size,
+        packing=not args.no_packing,
+        txt_mode=args.txt_mode,
+        text_column=args.text_column,
+    )
+    result = {"model": args.model, "objective": objective, **metrics}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def main(command: str, argv: list[str] | None = None) -> int:
+    """Run ``command`` (``pretrain``, ``eval``, ``finetune``, ``predict``) with ``argv``."""
+    argv = list(sys.argv[2:] if argv is None else argv)
+    if command == "pretrain":
+        return _pretrain(argv)
+    if command == "eval":
+        return _eval(argv)
+    if command in ("finetune", "predict"):
+        print(f"fastft {command}: not available yet (fine-tuning lands in a later change)", file=sys.stderr)
+        return 2
+    print(f"fastft: unknown training command {command!r}", file=sys.stderr)
+    return 2
