@@ -46,9 +46,11 @@ torch's default CPU generator, so ``torch.manual_seed`` makes masks reproducible
 is ``uniform >= dropout_p`` with ``uniform`` the Philox-4x32-10 number that Triton's
 ``tl.rand(key, offset)`` gives for key ``seed + ((b * heads_q + h) << 32)`` and counter
 ``offset = (i * seq_k + j) mod 2**32`` (for varlen, ``b`` is the document index and
-``i, j`` positions inside the document). The torch backend reproduces that generator
-bit for bit (``attention_dropout_mask``), so the triton and torch backends drop the same
-scores for the same seed; the CUDA backend does not implement dropout.
+``i, j`` positions inside the document); ``attention_dropout_mask`` reproduces it in torch
+for tests. The torch backend draws its mask from a cheaper counter-based hash of the same
+coordinates (``torch_dropout_mask``: Philox in torch ops is ~40x slower than SDPA on a
+CPU), so the two backends drop different scores, each reproducibly; the CUDA backend does
+not implement dropout.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ import torch.nn.functional as F
 
 from fastft._dispatch import choose_backend, cuda_reasons, triton_reasons
 
-__all__ = ["attention", "attention_ref", "attention_dropout_mask", "varlen_dropout_mask", "draw_dropout_seed",
+__all__ = ["attention", "attention_ref", "attention_dropout_mask", "torch_dropout_mask", "varlen_dropout_mask",
+           "draw_dropout_seed",
            "backend_reasons"]
 
 # Fastest first (benchmarks/NOTES.md); CPU inputs fall through to torch.
@@ -213,15 +216,52 @@ def attention_dropout_mask(
     return uniform >= torch.tensor(dropout_p, dtype=torch.float32)
 
 
-def varlen_dropout_mask(seed: int, cu_seqlens: torch.Tensor, heads_q: int, dropout_p: float) -> torch.Tensor:
-    """Bool keep-mask ``(heads_q, total, total)`` of a packed batch (False across documents)."""
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash (the mixer lora_linear's dropout uses) on int64 tensors holding
+    uint32 values: int64 products wrap modulo 2**64, which keeps their low 32 bits exact."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def torch_dropout_mask(
+    seed, batch: int, heads_q: int, seq_q: int, seq_k: int, dropout_p: float,
+    device=None, *, first_batch: int = 0,
+) -> torch.Tensor:
+    """Bool keep-mask ``(batch, heads_q, seq_q, seq_k)`` of the **torch** backend.
+
+    A counter-based hash of (seed, batch, head, query, key): ~10 integer ops per score where
+    reproducing Triton's Philox in torch costs ~100 (40x slower than SDPA itself on a CPU,
+    measured), so CPU training with attention dropout keeps SDPA's speed. The torch and
+    triton backends therefore drop different (equally distributed) scores; each backend is
+    reproducible for a seed and replays its own mask in backward.
+    """
+    if isinstance(seed, torch.Tensor):  # a drawn seed tensor (traceable by torch.compile)
+        seed = seed.to(device=device, dtype=torch.int64)
+    rows = torch.arange(batch * heads_q * seq_q, device=device, dtype=torch.int64) + first_batch * heads_q * seq_q
+    row_hash = _mix32((rows & _M32) ^ _mix32(torch.as_tensor(seed, device=device, dtype=torch.int64) & _M32))
+    cols = torch.arange(seq_k, device=device, dtype=torch.int64)
+    bits = _mix32(row_hash[:, None] ^ cols[None, :]) >> 8  # 24 uniform bits per score
+    keep = bits >= math.ceil(dropout_p * (1 << 24))
+    return keep.reshape(batch, heads_q, seq_q, seq_k)
+
+
+def varlen_dropout_mask(seed: int, cu_seqlens: torch.Tensor, heads_q: int, dropout_p: float,
+                        mask_fn=attention_dropout_mask) -> torch.Tensor:
+    """Bool keep-mask ``(heads_q, total, total)`` of a packed batch (False across documents);
+    ``mask_fn`` is ``attention_dropout_mask`` (triton) or ``torch_dropout_mask`` (torch)."""
     bounds = cu_seqlens.tolist()
     total = bounds[-1]
     keep = torch.zeros(heads_q, total, total, dtype=torch.bool, device=cu_seqlens.device)
     for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         if end > start:
             length = end - start
-            keep[:, start:end, start:end] = attention_dropout_mask(
+            keep[:, start:end, start:end] = mask_fn(
                 seed, 1, heads_q, length, length, dropout_p, cu_seqlens.device, first_batch=doc)[0]
     return keep
 
@@ -244,7 +284,7 @@ def _torch_dense_forward(q, k, v, causal, key_padding_mask, scale, dropout_p, se
         # Rows with no key attend everything (no NaN) and are zeroed afterwards.
         out = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=allowed | ~has_key, scale=scale)
         return out.masked_fill(~has_key, 0.0).contiguous()
-    keep = attention_dropout_mask(seed, batch, heads_q, seq_q, seq_k, dropout_p, q.device, first_batch=first_batch)
+    keep = torch_dropout_mask(seed, batch, heads_q, seq_q, seq_k, dropout_p, q.device, first_batch=first_batch)
     return attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask, softmax_scale=scale,
                          dropout_mask=keep, dropout_p=dropout_p).contiguous()
 
@@ -271,7 +311,7 @@ def _torch_dense_backward(grad_out, q, k, v, out, causal, key_padding_mask, scal
         probs = probs * has_key
     dropped = probs  # P∘Z
     if dropout_p > 0.0:
-        keep = attention_dropout_mask(seed, batch, heads_q, seq_q, seq_k, dropout_p, q.device, first_batch=first_batch)
+        keep = torch_dropout_mask(seed, batch, heads_q, seq_q, seq_k, dropout_p, q.device, first_batch=first_batch)
         dropped = probs * keep / (1.0 - dropout_p)
     grad_v = dropped.transpose(-2, -1) @ do32  # (B, Hq, Sk, D)
     grad_probs = do32 @ v32.transpose(-2, -1)  # (B, Hq, Sq, Sk)
