@@ -19,10 +19,10 @@ python -m fastft info | tee "$OUT/info.txt"
 
 # Correct first: every kernel against its fp32 reference on this GPU (plus the interpreter
 # tests, which on a GPU run the compiled Triton kernels).
-timeout 300 python -m pytest -m "gpu or interpret" -q -x -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1 || status=1
+timeout 180 python -m pytest -m "gpu or interpret" -q -x -p no:cacheprovider > "$OUT/gpu-tests.log" 2>&1 || status=1
 tail -5 "$OUT/gpu-tests.log"
 
 # Then fast: the quick suites side by side with the references.
-FASTFT_BENCH_OUT="$OUT" timeout 420 python -m fastft bench --quick > "$OUT/bench.log" 2>&1 || status=1
+FASTFT_BENCH_OUT="$OUT" timeout 360 python -m fastft bench --quick > "$OUT/bench.log" 2>&1 || status=1
 grep -E "^(===|results:|GPU|CPU|  vs)" "$OUT/bench.log" | tail -20
 exit $status
