@@ -71,7 +71,7 @@ def linear_cross_entropy_ref(
     logits = F.linear(hidden, weight, bias)  # (..., V): what fastft never materialises
     loss = F.cross_entropy(
         logits.reshape(-1, weight.shape[0]),
-        labels.reshape(-1),
+        labels.reshape(-1).long(),  # F.cross_entropy takes int64 only
         ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=label_smoothing,
