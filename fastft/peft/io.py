@@ -63,9 +63,11 @@ def save_adapter(model: nn.Module, directory: str) -> None:
     Raises:
         ValueError: the model has no fastft LoRA layers (only LoRA has a PEFT format here).
     """
+    import torch.distributed as dist
     from safetensors.torch import save_file
 
     from fastft.peft.inject import _state, lora_layers
+    from fastft.train.distributed import full_tensor  # gathers FSDP2 shards; plain tensors pass through
 
     layers = lora_layers(model)
     if not layers:
@@ -74,12 +76,12 @@ def save_adapter(model: nn.Module, directory: str) -> None:
                          + (f" (applied: {', '.join(methods)}; only LoRA has a PEFT on-disk format)" if methods else ""))
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_a.detach().contiguous()  # (r, in)
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_b.detach().contiguous()  # (out, r)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = full_tensor(layer.lora_a).detach().contiguous()  # (r, in)
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = full_tensor(layer.lora_b).detach().contiguous()  # (out, r)
     modules_to_save = _state(model).modules_to_save
     for module_name in modules_to_save:
         for param_name, tensor in model.get_submodule(module_name).state_dict().items():
-            tensors[f"{PEFT_PREFIX}{module_name}.{param_name}"] = tensor.detach().contiguous()
+            tensors[f"{PEFT_PREFIX}{module_name}.{param_name}"] = full_tensor(tensor).detach().contiguous()
     ranks = {name: layer.rank for name, layer in layers.items()}
     alphas = {name: layer.alpha for name, layer in layers.items()}
     rank, alpha = _most_common(ranks.values()), _most_common(alphas.values())
@@ -110,6 +112,8 @@ def save_adapter(model: nn.Module, directory: str) -> None:
         "layers_pattern": None,
         "revision": None,
     }
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return  # every rank took part in the gathers above; rank 0 writes
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

@@ -14,12 +14,14 @@ from fastft.train.config import (
     DataConfig,
     ModelConfig,
     OptimConfig,
+    ParallelConfig,
     ScheduleConfig,
     TrainConfig,
     apply_overrides,
     config_from_dict,
     load_config,
 )
+from fastft.train.distributed import Parallel, setup_parallel, trainable_state_dict
 from fastft.train.loop import TrainState, accumulate_gradients, build_optimizer, evaluate, train
 from fastft.train.objectives import CausalLM, MaskedLM, MaskedLMWithNSP, Objective, get_objective, model_inputs
 from fastft.train.pretrain import pretrain
@@ -36,6 +38,8 @@ __all__ = [
     "ModelConfig",
     "Objective",
     "OptimConfig",
+    "Parallel",
+    "ParallelConfig",
     "ScheduleConfig",
     "TrainConfig",
     "TrainState",
@@ -54,5 +58,7 @@ __all__ = [
     "pretrain",
     "register_schedule",
     "save_checkpoint",
+    "setup_parallel",
     "train",
+    "trainable_state_dict",
 ]

@@ -35,6 +35,7 @@ import random
 import re
 import shutil
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -356,14 +357,17 @@ def _load_sharded_checkpoint(path, *, model, optimizer, scheduler, scaler, colla
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=os.path.join(path, DCP_DIR))
+    distributed = dist.is_available() and dist.is_initialized()
+    with warnings.catch_warnings():  # without a process group DCP warns that it reads everything: that is the intent
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=os.path.join(path, DCP_DIR), no_dist=not distributed)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     else:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         set_model_state_dict(model, state["model"])
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank = dist.get_rank() if distributed else 0
     own = os.path.join(path, _rank_file(rank))
     per_rank = torch.load(own if os.path.isfile(own) else os.path.join(path, _rank_file(0)), map_location="cpu", weights_only=True)
     if scheduler is not None and per_rank["scheduler"] is not None:

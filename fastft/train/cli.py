@@ -71,7 +71,8 @@ def _pretrain(argv: list[str]) -> int:
         "checkpoint": state.checkpoint_path,
         "export": state.export_path,
     }
-    print(json.dumps(summary, indent=2, default=str))
+    if state.parallel is None or state.parallel.is_main:  # one summary, not one per rank
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
