@@ -183,7 +183,8 @@ def run(quick: bool = False, out_dir=None) -> list[dict]:
     env = environment(device)
     matmul_peak = matmul_peak_tflops(device, dtype)
     env["matmul_peak_tflops"] = matmul_peak
-    print(f"linear_cross_entropy on {env['device']} ({dtype}); measured matmul peak {matmul_peak:.1f} TFLOP/s", flush=True)
+    print(f"linear_cross_entropy on {env['device']} ({dtype}); measured matmul peak {matmul_peak * 1e3:.1f} GFLOP/s",
+          flush=True)
     rows = []
     for tokens, hidden_size, vocab, mode in configs(device, quick):
         rows += measure(tokens, hidden_size, vocab, mode, device, dtype, matmul_peak if device.type == "cuda" else None)
