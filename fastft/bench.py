@@ -17,6 +17,7 @@ SUITES = {
     "attention": "benchmarks.bench_attention",
     "lora": "benchmarks.bench_lora",
     "train": "benchmarks.bench_train",
+    "finetune": "benchmarks.bench_finetune",
 }
 
 

@@ -21,7 +21,9 @@ from fastft.train.config import (
     config_from_dict,
     load_config,
 )
+from fastft.train import strategies  # noqa: F401  (registers the "slanted_triangular" schedule)
 from fastft.train.distributed import Parallel, setup_parallel, trainable_state_dict
+from fastft.train.finetune import FinetuneResult, evaluate_sets, finetune, load_finetuned, predict, save_finetuned
 from fastft.train.loop import TrainState, accumulate_gradients, build_optimizer, evaluate, train
 from fastft.train.objectives import CausalLM, MaskedLM, MaskedLMWithNSP, Objective, get_objective, model_inputs
 from fastft.train.pretrain import pretrain
@@ -33,6 +35,7 @@ __all__ = [
     "CausalLM",
     "DataConfig",
     "EarlyStopping",
+    "FinetuneResult",
     "MaskedLM",
     "MaskedLMWithNSP",
     "ModelConfig",
@@ -49,15 +52,20 @@ __all__ = [
     "build_scheduler",
     "config_from_dict",
     "evaluate",
+    "evaluate_sets",
     "export_pretrained",
+    "finetune",
     "get_objective",
     "latest_checkpoint",
+    "load_finetuned",
     "load_checkpoint",
     "load_config",
     "model_inputs",
     "pretrain",
+    "predict",
     "register_schedule",
     "save_checkpoint",
+    "save_finetuned",
     "setup_parallel",
     "train",
     "trainable_state_dict",

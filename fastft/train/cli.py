@@ -1,7 +1,9 @@
-"""``fastft pretrain`` / ``fastft eval`` (and placeholders for ``finetune`` / ``predict``).
+"""``fastft pretrain`` / ``fastft eval`` / ``fastft finetune`` / ``fastft predict``.
 
     fastft pretrain --config run.yaml optim.lr=3e-4 data.block_size=64 max_steps=100
     fastft eval --model runs/bert/final --data held_out.txt
+    fastft finetune --model runs/bert/final --train train.jsonl --eval dev=dev.jsonl --strategy lora
+    fastft predict --model runs/fastft/finetuned "a new sentence"
 
 ``fastft.cli`` routes here with the command name first: ``main(command, argv)``.
 """
@@ -147,6 +149,58 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _finetune(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fastft finetune", description="Fine-tune a model on a labelled task.")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tokenizer")
+    parser.add_argument("--train", required=True, help=".json/.jsonl/.csv file of rows")
+    parser.add_argument("--eval", nargs="*", default=[], metavar="NAME=PATH", help="named evaluation sets")
+    parser.add_argument("--task", default="classification")
+    parser.add_argument("--strategy", default="full")
+    parser.add_argument("--strategy-options", default="{}", help="YAML mapping, e.g. '{rank: 8}'")
+    parser.add_argument("--lr-scheme", choices=["discriminative", "layerwise"])
+    parser.add_argument("--guard", choices=["replay", "l2sp", "ewc"])
+    parser.add_argument("--pretraining-data", help="text file of unlabeled documents (one per line)")
+    parser.add_argument("--config", help="YAML TrainConfig")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+
+    import datasets
+
+    from fastft.train.config import load_config, parse_yaml
+    from fastft.train.finetune import finetune
+
+    def rows(path):
+        kind = {"jsonl": "json"}.get(path.rsplit(".", 1)[-1], path.rsplit(".", 1)[-1])
+        return datasets.load_dataset(kind, data_files=path, split="train").to_list()
+
+    try:
+        config = load_config(args.config, args.overrides)
+        data = {"train": rows(args.train), **{n: rows(p) for n, p in (e.split("=", 1) for e in args.eval)}}
+        texts = open(args.pretraining_data).read().splitlines() if args.pretraining_data else None
+        result = finetune(args.model, args.tokenizer or args.model, data, task=args.task, strategy=args.strategy,
+                          config=config, strategy_options=parse_yaml(args.strategy_options) or {},
+                          lr_scheme=args.lr_scheme, guard=args.guard, pretraining_data=texts)
+    except (KeyError, ValueError, TypeError) as error:
+        print(f"fastft finetune: {error}", file=sys.stderr)
+        return 2
+    print(result.table())
+    print(json.dumps({"best_step": result.best_step, "forgetting": result.forgetting, "saved": result.save_path}, indent=2))
+    return 0
+
+
+def _predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fastft predict", description="Predictions of a fine-tuned bundle.")
+    parser.add_argument("--model", required=True, help="a directory written by fastft finetune (…/finetuned)")
+    parser.add_argument("inputs", nargs="+", help="texts (classification / regression / SFT prompts)")
+    args = parser.parse_args(argv)
+    from fastft.train.finetune import predict
+
+    for text, output in zip(args.inputs, predict(args.model, args.inputs)):
+        print(json.dumps({"input": text, "prediction": output}))
+    return 0
+
+
 def main(command: str, argv: list[str] | None = None) -> int:
     """Run ``command`` (``pretrain``, ``eval``, ``finetune``, ``predict``) with ``argv``."""
     argv = list(sys.argv[2:] if argv is None else argv)
@@ -154,8 +208,9 @@ def main(command: str, argv: list[str] | None = None) -> int:
         return _pretrain(argv)
     if command == "eval":
         return _eval(argv)
-    if command in ("finetune", "predict"):
-        print(f"fastft {command}: not available yet (fine-tuning lands in a later change)", file=sys.stderr)
-        return 2
+    if command == "finetune":
+        return _finetune(argv)
+    if command == "predict":
+        return _predict(argv)
     print(f"fastft: unknown training command {command!r}", file=sys.stderr)
     return 2
