@@ -23,13 +23,12 @@ they are also given as a fraction of the measured bf16 matmul peak.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (environment, is_out_of_memory, matmul_peak_tflops, median_ms,
+from benchmarks.common import (suite_main, environment, is_out_of_memory, matmul_peak_tflops, median_ms,
                                out_dir_from_env, peak_extra_bytes, write_results)
 from fastft.ops.attention import attention, attention_ref, backend_reasons
 
@@ -184,11 +183,7 @@ def run(quick: bool = False, out_dir=None) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few target configurations")
-    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/)")
-    args = parser.parse_args(argv)
-    run(args.quick, args.out)
+    suite_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,12 @@ matmul peak (useful FLOPs = 2·labelled·V·H forward, 3x that for forward+backw
 
 from __future__ import annotations
 
-import argparse
 import itertools
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (environment, is_out_of_memory, matmul_peak_tflops, median_ms,
+from benchmarks.common import (suite_main, environment, is_out_of_memory, matmul_peak_tflops, median_ms,
                                out_dir_from_env, peak_extra_bytes, write_results)
 from fastft.ops import linear_cross_entropy, linear_cross_entropy_ref
 from fastft.ops.linear_cross_entropy import backend_reasons
@@ -197,11 +196,7 @@ def run(quick: bool = False, out_dir=None) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the target configurations and a few more")
-    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/)")
-    args = parser.parse_args(argv)
-    run(args.quick, args.out)
+    suite_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

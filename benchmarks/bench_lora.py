@@ -25,12 +25,11 @@ bf16 matmul peak. Useful FLOPs: forward 2·N·K·O + 2·N·r·(K+O); forward+bac
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import torch
 
-from benchmarks.common import (environment, is_out_of_memory, matmul_peak_tflops, median_ms,
+from benchmarks.common import (suite_main, environment, is_out_of_memory, matmul_peak_tflops, median_ms,
                                out_dir_from_env, peak_extra_bytes, write_results)
 from fastft.ops.lora_linear import backend_reasons, lora_linear, quantize_weight_int8
 
@@ -274,11 +273,7 @@ def run(quick: bool = False, out_dir=None) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few representative configurations")
-    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/)")
-    args = parser.parse_args(argv)
-    run(args.quick, args.out)
+    suite_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ paths, not the GPU workloads). Reported: median step time, tokens/s, peak extra 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import torch
 
-from benchmarks.common import (environment, is_out_of_memory, median_ms, out_dir_from_env, peak_extra_bytes,
+from benchmarks.common import (suite_main, environment, is_out_of_memory, median_ms, out_dir_from_env, peak_extra_bytes,
                                write_results)
 
 COLUMNS = ["workload", "impl", "batch", "seq", "ms_per_step", "tokens_per_s", "speedup", "peak_extra_MiB", "status"]
@@ -137,11 +136,7 @@ def run(quick: bool = False, out_dir=None) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="(the same two workloads; kept for a uniform CLI)")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    run(args.quick, args.out)
+    suite_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ CSV + JSON (rows and the environment: device, versions, date) + a markdown table
 
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
 import datetime
@@ -212,3 +213,12 @@ def out_dir_from_env() -> Path | None:
     """``FASTFT_BENCH_OUT`` redirects results (e.g. to $OUT on a lent GPU machine)."""
     value = os.environ.get("FASTFT_BENCH_OUT")
     return Path(value) if value else None
+
+
+def suite_main(run: Callable[[bool, object], list], description: str, argv=None) -> None:
+    """The command line every suite shares: ``[--quick] [--out DIR]`` then ``run``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the target configurations and a few more")
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/)")
+    args = parser.parse_args(argv)
+    run(args.quick, args.out)
