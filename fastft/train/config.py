@@ -90,7 +90,7 @@ class OptimConfig:
     weight_decay: float = 0.01  # not applied to biases and normalisation weights
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    fused: Any = "auto"  # "auto": fused kernel on CUDA; True / False to force
+    fused: Any = "auto"  # "auto": fused kernel on CUDA and for plain CPU tensors; True / False to force
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
 
 

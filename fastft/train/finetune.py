@@ -215,6 +215,7 @@ def finetune(
     generate: bool = True,
     save: bool | str = True,
     callbacks: Sequence[Callback] = (),
+    cut_last_layer: bool = True,
     **overrides,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``task`` with ``strategy``.
@@ -251,6 +252,9 @@ def finetune(
             metric: accuracy, mse, f1, loss).
         generate: SFT: BLEU of greedy generations on each set at the end.
         save: True: bundle into ``<output_dir>/finetuned``; a path: there; False: no bundle.
+        cut_last_layer: classification / regression on a BERT-family [CLS] classifier: run
+            the last layer for position 0 only while training and evaluating
+            (``fastft.models.first_token``); False: the full last layer.
 
     Returns: ``FinetuneResult``.
 
@@ -349,25 +353,36 @@ def finetune(
     all_callbacks += list(callbacks)
     config = dataclasses.replace(config, early_stopping_patience=None, export=False)
 
-    state = train(
-        model,
-        task.objective(),
-        train_features,
-        collator=task.collator(tokenizer),
-        config=config,
-        eval_data=features.get(selection_name) if selection_name else None,
-        tokenizer=tokenizer,
-        param_groups=param_groups,
-        callbacks=all_callbacks,
-        extra_losses=[guard_fn] if guard_fn is not None else [],
-        metric_fns=task.metric_fns(other_sets[selection_name], features[selection_name], tokenizer) if selection_name else [],
-    )
-    model = state.model
+    # A [CLS] classifier never reads the last layer's other positions: run that layer's
+    # attention output and feed-forward block for position 0 only (same loss and
+    # gradients, less work; fastft/models/first_token.py). Out again before returning.
+    cut = None
+    if cut_last_layer and task.name in ("classification", "regression"):
+        from fastft.models.first_token import first_token_last_layer
 
-    # --- final evaluation, forgetting, bundle -------------------------------------------
-    result = FinetuneResult(model=model, tokenizer=tokenizer, task=task, state=state, strategy=strategy)
-    result.metrics = evaluate_sets(model, tokenizer, task, other_sets, batch_size=config.eval_batch_size or config.batch_size,
-                                   generate=generate, features=features)
+        cut, _ = first_token_last_layer(model)
+    try:
+        state = train(
+            model,
+            task.objective(),
+            train_features,
+            collator=task.collator(tokenizer),
+            config=config,
+            eval_data=features.get(selection_name) if selection_name else None,
+            tokenizer=tokenizer,
+            param_groups=param_groups,
+            callbacks=all_callbacks,
+            extra_losses=[guard_fn] if guard_fn is not None else [],
+            metric_fns=task.metric_fns(other_sets[selection_name], features[selection_name], tokenizer) if selection_name else [],
+        )
+        model = state.model
+        # --- final evaluation, forgetting, bundle ---------------------------------------
+        result = FinetuneResult(model=model, tokenizer=tokenizer, task=task, state=state, strategy=strategy)
+        result.metrics = evaluate_sets(model, tokenizer, task, other_sets, batch_size=config.eval_batch_size or config.batch_size,
+                                       generate=generate, features=features)
+    finally:
+        if cut is not None:
+            cut.remove()
     result.majority = {name: task.majority_score(train_rows, rows) for name, rows in other_sets.items()}
     result.history = other_eval.history if other_eval else []
     if best is not None:

@@ -129,16 +129,34 @@ def default_param_groups(model: torch.nn.Module, weight_decay: float) -> list[di
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_adamw_supported(groups: list[dict], device: torch.device) -> bool:
+    """Whether ``fused="auto"`` takes AdamW's fused kernel: on CUDA always; on a CPU for
+    plain (not DTensor-sharded) tensors. On a CPU the per-parameter ("for-loop") AdamW
+    makes ~6 passes over memory per parameter; the fused kernel makes one. For MiniLM
+    (22.7M parameters, 12M of them the word embeddings) that is a fifth of a CPU training
+    step (benchmarks/bench_finetune.py)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor either
+        return True
+    return not any(isinstance(p, DTensor) for g in groups for p in g["params"])
+
+
 def build_optimizer(model, optim_config, param_groups=None, device=None) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` (list of dicts or ``fn(model) -> list``; groups without
-    ``lr`` / ``weight_decay`` get the config's). Fused kernel on CUDA when ``fused="auto"``."""
+    ``lr`` / ``weight_decay`` get the config's). ``fused="auto"``: see ``fused_adamw_supported``."""
     groups = param_groups(model) if callable(param_groups) else param_groups
     groups = default_param_groups(model, optim_config.weight_decay) if groups is None else groups
-    groups = [{"lr": optim_config.lr, "weight_decay": optim_config.weight_decay, **g} for g in groups]
-    groups = [g for g in groups if len(list(g["params"])) > 0]
+    groups = [{"lr": optim_config.lr, "weight_decay": optim_config.weight_decay, **g, "params": list(g["params"])}
+              for g in groups]
+    groups = [g for g in groups if g["params"]]
     fused = optim_config.fused
     if fused == "auto":
-        fused = device is not None and device.type == "cuda"
+        fused = device is not None and fused_adamw_supported(groups, device)
     return torch.optim.AdamW(
         groups, lr=optim_config.lr, betas=tuple(optim_config.betas), eps=optim_config.eps, fused=bool(fused) or None
     )
