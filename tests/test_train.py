@@ -557,3 +557,12 @@ def test_cli_pretrain_eval_and_hf_export(tmp_path, corpus, bert_tokenizer, capsy
         with pytest.raises(SystemExit) as exit_info:
             cli.main(command, [])
         assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err
+
+
+def test_cli_finetune_and_predict_name_missing_files(tmp_path, capsys):
+    from fastft.train import cli
+
+    assert cli.main("predict", ["--model", str(tmp_path / "not-a-bundle"), "some text"]) == 2
+    assert "not a fastft fine-tuning bundle" in capsys.readouterr().err
+    assert cli.main("finetune", ["--model", str(tmp_path), "--train", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err

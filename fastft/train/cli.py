@@ -181,7 +181,7 @@ def _finetune(argv: list[str]) -> int:
         result = finetune(args.model, args.tokenizer or args.model, data, task=args.task, strategy=args.strategy,
                           config=config, strategy_options=parse_yaml(args.strategy_options) or {},
                           lr_scheme=args.lr_scheme, guard=args.guard, pretraining_data=texts)
-    except (KeyError, ValueError, TypeError) as error:
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
         print(f"fastft finetune: {error}", file=sys.stderr)
         return 2
     print(result.table())
@@ -196,7 +196,12 @@ def _predict(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from fastft.train.finetune import predict
 
-    for text, output in zip(args.inputs, predict(args.model, args.inputs)):
+    try:
+        outputs = predict(args.model, args.inputs)
+    except FileNotFoundError as error:  # not a bundle: say so, no traceback
+        print(f"fastft predict: {error}", file=sys.stderr)
+        return 2
+    for text, output in zip(args.inputs, outputs):
         print(json.dumps({"input": text, "prediction": output}))
     return 0
 
