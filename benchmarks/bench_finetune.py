@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from benchmarks.common import environment, is_out_of_memory, out_dir_from_env, write_results
+from benchmarks.common import bar_chart, environment, is_out_of_memory, out_dir_from_env, write_results
 
 COLUMNS = ["device", "task", "impl", "examples", "epochs", "batch_size", "s_per_epoch", "time_vs_fastft",
            "accuracy", "seq_len", "tokens_per_s", "peak_memory_MiB", "speedup_vs_hf_peft", "status"]
@@ -266,6 +266,26 @@ def lora_llama_rows(quick: bool) -> list[dict]:
 # ------------------------------------------------------------------------ entry points
 
 
+def plot(rows: list[dict], path) -> None:
+    import matplotlib.pyplot as plt
+
+    cpu = [r for r in rows if r.get("device") == "cpu" and r.get("s_per_epoch")]
+    gpu = [r for r in rows if r.get("tokens_per_s")]
+    fig, axes = plt.subplots(1, 2 if gpu else 1, figsize=(11 if gpu else 6, 4.5), squeeze=False)
+    bar_chart(axes[0][0], cpu, lambda r: (r["task"], r["examples"]), lambda c: "{}\n{} examples".format(*c),
+              value="s_per_epoch", log=False)
+    axes[0][0].set_ylabel("seconds per epoch (CPU)")
+    axes[0][0].legend(fontsize=7)
+    if gpu:
+        bar_chart(axes[0][1], gpu, lambda r: (r["task"], r["seq_len"]), lambda c: "{}\nseq {}".format(*c),
+                  value="tokens_per_s", log=False)
+        axes[0][1].set_ylabel("tokens/s (GPU)")
+        axes[0][1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def check_targets(rows: list[dict]) -> list[str]:
     lines = []
     by_impl = {r["impl"]: r for r in rows if r.get("device") == "cpu"}
@@ -290,7 +310,7 @@ def run(quick: bool = False, out_dir=None) -> list[dict]:
         rows += lora_llama_rows(quick)
     targets = check_targets(rows)
     notes = "Targets:\n\n" + "\n".join(f"- {line}" for line in targets) if targets else ""
-    path = write_results("finetune", rows, env, COLUMNS, out_dir or out_dir_from_env(), None, notes)
+    path = write_results("finetune", rows, env, COLUMNS, out_dir or out_dir_from_env(), plot, notes)
     print("\n".join(targets))
     print(f"results: {path}")
     return rows

@@ -23,7 +23,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (suite_main, environment, is_out_of_memory, matmul_peak_tflops, median_ms,
+from benchmarks.common import (bar_chart, environment, is_out_of_memory, matmul_peak_tflops, median_ms, suite_main,
                                out_dir_from_env, peak_extra_bytes, write_results)
 from fastft.ops import linear_cross_entropy, linear_cross_entropy_ref
 from fastft.ops.linear_cross_entropy import backend_reasons
@@ -153,21 +153,11 @@ def check_targets(rows: list[dict], device: torch.device) -> list[str]:
 def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
-    cases = sorted({(r["tokens"], r["hidden"], r["vocab"], r["mode"]) for r in rows})
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(cases) * 2), 4.5))
+    cases = len({(r["tokens"], r["hidden"], r["vocab"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * cases * 2), 4.5))
     for ax, pass_ in zip(axes, ("fwd", "fwd+bwd")):
-        width = 0.8 / len(impls)
-        for i, impl in enumerate(impls):
-            values = []
-            for case in cases:
-                match = [r for r in rows if (r["tokens"], r["hidden"], r["vocab"], r["mode"]) == case
-                         and r["impl"] == impl and r["pass"] == pass_ and r.get("ms")]
-                values.append(match[0]["ms"] if match else 0.0)
-            ax.bar([c + i * width for c in range(len(cases))], values, width, label=impl)
-        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-        ax.set_xticklabels([f"{t}x{h}\nV={v} {m}" for t, h, v, m in cases], fontsize=7)
-        ax.set_yscale("log")
+        bar_chart(ax, [r for r in rows if r["pass"] == pass_], lambda r: (r["tokens"], r["hidden"], r["vocab"], r["mode"]),
+                  lambda c: "{}x{}\nV={} {}".format(*c))
         ax.set_ylabel("median ms (log)")
         ax.set_title(f"linear cross-entropy, {pass_}")
     axes[0].legend(fontsize=7)

@@ -29,7 +29,7 @@ import contextlib
 
 import torch
 
-from benchmarks.common import (suite_main, environment, is_out_of_memory, matmul_peak_tflops, median_ms,
+from benchmarks.common import (bar_chart, environment, is_out_of_memory, matmul_peak_tflops, median_ms, suite_main,
                                out_dir_from_env, peak_extra_bytes, write_results)
 from fastft.ops.lora_linear import backend_reasons, lora_linear, quantize_weight_int8
 
@@ -232,20 +232,11 @@ def plot(rows: list[dict], path) -> None:
     import matplotlib.pyplot as plt
 
     data = [r for r in rows if r["pass"] == "fwd+bwd" and r.get("ms")]
-    cases = list(dict.fromkeys((r["tokens"], r["in"], r["out"], r["rank"], r["dropout"], r["weight"]) for r in data))
-    impls = list(dict.fromkeys(r["impl"] for r in data))
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cases) * max(1, len(impls)) / 3), 4.5))
-    width = 0.8 / max(1, len(impls))
-    for i, impl in enumerate(impls):
-        values = []
-        for case in cases:
-            match = [r for r in data if (r["tokens"], r["in"], r["out"], r["rank"], r["dropout"], r["weight"]) == case
-                     and r["impl"] == impl]
-            values.append(match[0]["ms"] if match else 0.0)
-        ax.bar([c + i * width for c in range(len(cases))], values, width, label=impl)
-    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-    ax.set_xticklabels([f"{t}tok\n{k}->{o}\nr{r} p{p}\n{w}" for t, k, o, r, p, w in cases], fontsize=6)
-    ax.set_yscale("log")
+    cases = len({(r["tokens"], r["in"], r["out"], r["rank"], r["dropout"], r["weight"]) for r in data})
+    impls = len({r["impl"] for r in data})
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * cases * max(1, impls) / 3), 4.5))
+    bar_chart(ax, data, lambda r: (r["tokens"], r["in"], r["out"], r["rank"], r["dropout"], r["weight"]),
+              lambda c: "{}tok\n{}->{}\nr{} p{}\n{}".format(*c))
     ax.set_ylabel("median ms, forward+backward (log)")
     ax.set_title("LoRA linear")
     ax.legend(fontsize=7)

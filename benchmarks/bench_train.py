@@ -25,8 +25,8 @@ import contextlib
 
 import torch
 
-from benchmarks.common import (suite_main, environment, is_out_of_memory, median_ms, out_dir_from_env, peak_extra_bytes,
-                               write_results)
+from benchmarks.common import (bar_chart, environment, is_out_of_memory, median_ms, out_dir_from_env, peak_extra_bytes,
+                               suite_main, write_results)
 
 COLUMNS = ["workload", "impl", "batch", "seq", "ms_per_step", "tokens_per_s", "speedup", "peak_extra_MiB", "status"]
 
@@ -117,6 +117,20 @@ def measure(workload: str, impl: str, device: torch.device) -> dict:
     return row
 
 
+def plot(rows: list[dict], path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bar_chart(ax, rows, lambda r: (r["workload"], r["batch"], r["seq"]), lambda c: "{}\nbatch {} x seq {}".format(*c),
+              value="tokens_per_s", log=False)
+    ax.set_ylabel("tokens/s (one optimizer step)")
+    ax.set_title("end-to-end training steps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(quick: bool = False, out_dir=None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
@@ -130,7 +144,7 @@ def run(quick: bool = False, out_dir=None) -> list[dict]:
         rows += [base, ours]
     notes = ("Each row is one full optimizer step (forward, backward, AdamW) on random weights; "
              "speedup is the baseline's step time over fastft's, measured in this same run.")
-    path = write_results("train", rows, env, COLUMNS, out_dir or out_dir_from_env(), notes=notes)
+    path = write_results("train", rows, env, COLUMNS, out_dir or out_dir_from_env(), plot, notes)
     print(f"results: {path}")
     return rows
 

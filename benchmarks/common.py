@@ -184,6 +184,23 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def bar_chart(ax, rows: list[dict], case_of: Callable[[dict], tuple], case_label: Callable[[tuple], str],
+              value: str = "ms", log: bool = True) -> None:
+    """Grouped bars on ``ax``: a group per case (``case_of(row)``, in order of first
+    appearance), a bar per ``impl``, height ``row[value]`` (missing or failed: no bar)."""
+    cases = list(dict.fromkeys(case_of(r) for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        heights = [next((r[value] for r in rows if case_of(r) == case and r["impl"] == impl and r.get(value)), 0.0)
+                   for case in cases]
+        ax.bar([c + i * width for c in range(len(cases))], heights, width, label=impl)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels([case_label(c) for c in cases], fontsize=7)
+    if log:
+        ax.set_yscale("log")
+
+
 def write_results(name: str, rows: list[dict], env: dict, columns: list[str], out_dir: Path | None = None,
                   plot: Callable[[list[dict], Path], None] | None = None, notes: str = "") -> Path:
     """Write ``<name>.csv``, ``<name>.json``, ``<name>.md`` (and ``<name>.png`` via ``plot``)
