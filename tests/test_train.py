@@ -566,3 +566,30 @@ def test_cli_finetune_and_predict_name_missing_files(tmp_path, capsys):
     assert "not a fastft fine-tuning bundle" in capsys.readouterr().err
     assert cli.main("finetune", ["--model", str(tmp_path), "--train", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_cli_eval_scores_a_finetuned_bundle_on_labelled_sets(tmp_path, capsys):
+    """`fastft eval` on a bundle gives the same task metrics as the run that saved it."""
+    from fastft.data import toy_corpus, toy_tokenizer
+    from fastft.train import cli
+    from fastft.train.finetune import finetune
+
+    tokenizer = toy_tokenizer()
+    rows = [{"text": s, "label": "fox" if "fox" in s else "other"} for s in toy_corpus(40, seed=3, max_sentences=1)]
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, num_labels=2)
+    torch.manual_seed(0)
+    result = finetune(transformers.BertForSequenceClassification(config), tokenizer, {"train": rows[:28], "dev": rows[28:]},
+                      output_dir=str(tmp_path / "run"), epochs=1, batch_size=8, fused=False, progress=False, plot=False)
+    with open(tmp_path / "dev.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[28:])
+    capsys.readouterr()
+    assert cli.main("eval", ["--model", result.save_path, "--data", f"held-out={tmp_path / 'dev.jsonl'}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["task"] == "classification"
+    for metric in ("accuracy", "macro_f1", "loss"):
+        assert printed["sets"]["held-out"][metric] == pytest.approx(result.metrics["dev"][metric], rel=1e-5), metric
+    with open(tmp_path / "bad.jsonl", "w") as f:
+        f.write(json.dumps({"text": "a fox .", "label": "huge"}) + "\n")
+    assert cli.main("eval", ["--model", result.save_path, "--data", str(tmp_path / "bad.jsonl")]) == 2
+    assert "outside the configured classes" in capsys.readouterr().err

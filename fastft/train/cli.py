@@ -93,10 +93,13 @@ def _objective_of(hf_config) -> str:
 def _eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fastft eval",
-        description="Held-out loss and perplexity of a checkpoint or exported model on a text set.",
+        description="Held-out loss and perplexity of a checkpoint or exported model on a text set; for a "
+        "fine-tuning bundle (fastft finetune's …/finetuned), the task's metrics on labelled sets.",
     )
     parser.add_argument("--model", required=True, help="a fastft checkpoint directory, an export (final/), or a Hub name")
-    parser.add_argument("--data", required=True, nargs="+", help="text file(s) (.txt/.json/.jsonl/.csv/.parquet) or a Hub name")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="text file(s) (.txt/.json/.jsonl/.csv/.parquet) or a Hub name; for a bundle: labelled "
+                             "files, NAME=PATH to name them")
     parser.add_argument("--objective", choices=["mlm", "clm", "mlm+nsp"], help="default: from the model's architecture")
     parser.add_argument("--tokenizer", help="default: --model")
     parser.add_argument("--block-size", type=int, default=128)
@@ -110,6 +113,10 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the evaluation masks (masked-LM)")
     parser.add_argument("--output", help="also write the metrics as JSON to this file")
     args = parser.parse_args(argv)
+    from fastft.train.finetune import BUNDLE_FILE
+
+    if os.path.exists(os.path.join(args.model, BUNDLE_FILE)):
+        return _eval_finetuned(args)
 
     import transformers
 
@@ -149,6 +156,47 @@ def _eval(argv: list[str]) -> int:
     return 0
 
 
+def _rows(path: str) -> list[dict]:
+    """Labelled rows from a .json / .jsonl / .csv / .parquet file."""
+    import datasets
+
+    kind = {"jsonl": "json"}.get(path.rsplit(".", 1)[-1], path.rsplit(".", 1)[-1])
+    return datasets.load_dataset(kind, data_files=path, split="train").to_list()
+
+
+def _named_sets(entries: list[str]) -> dict[str, list[dict]]:
+    """``["dev=dev.jsonl", "ood.jsonl"]`` -> ``{"dev": rows, "ood": rows}`` (name: the file's stem)."""
+    sets = {}
+    for entry in entries:
+        name, path = entry.split("=", 1) if "=" in entry else (os.path.splitext(os.path.basename(entry))[0], entry)
+        sets[name] = _rows(path)
+    return sets
+
+
+def _eval_finetuned(args) -> int:
+    """``fastft eval`` on a fine-tuning bundle: the task's metrics on labelled sets."""
+    from fastft.train.finetune import evaluate_sets, load_finetuned
+    from fastft.train.loop import resolve_device
+
+    try:
+        model, tokenizer, task = load_finetuned(args.model, device=resolve_device(args.device))
+        sets = _named_sets(args.data)
+        for name, rows in sets.items():
+            task.check_columns(rows, name)
+            task.check_labels(rows, name)
+        metrics = evaluate_sets(model, tokenizer, task, sets, batch_size=args.batch_size)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"fastft eval: {error}", file=sys.stderr)
+        return 2
+    text = json.dumps({"model": args.model, "task": task.name, "sets": metrics}, indent=2, default=str)
+    print(text)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def _finetune(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fastft finetune", description="Fine-tune a model on a labelled task.")
     parser.add_argument("--model", required=True)
@@ -165,18 +213,12 @@ def _finetune(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
-    import datasets
-
     from fastft.train.config import load_config, parse_yaml
     from fastft.train.finetune import finetune
 
-    def rows(path):
-        kind = {"jsonl": "json"}.get(path.rsplit(".", 1)[-1], path.rsplit(".", 1)[-1])
-        return datasets.load_dataset(kind, data_files=path, split="train").to_list()
-
     try:
         config = load_config(args.config, args.overrides)
-        data = {"train": rows(args.train), **{n: rows(p) for n, p in (e.split("=", 1) for e in args.eval)}}
+        data = {"train": _rows(args.train), **_named_sets(args.eval)}
         texts = open(args.pretraining_data).read().splitlines() if args.pretraining_data else None
         result = finetune(args.model, args.tokenizer or args.model, data, task=args.task, strategy=args.strategy,
                           config=config, strategy_options=parse_yaml(args.strategy_options) or {},
