@@ -23,6 +23,7 @@ masked-LM view that replay and forgetting measurements use) sees the full last l
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 __all__ = ["FIRST_TOKEN_CLASSES", "FirstTokenLastLayer", "first_token_last_layer"]
@@ -72,7 +73,7 @@ class FirstTokenLastLayer:
         if not self._active:
             return None
         # (self-attention output (B, L, d), residual input (B, L, d)) -> (B, 1, d) each
-        return tuple(a[:, :1] if getattr(a, "dim", lambda: 0)() == 3 else a for a in args)
+        return tuple(a[:, :1] if isinstance(a, torch.Tensor) and a.dim() == 3 else a for a in args)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -90,6 +90,17 @@ def _objective_of(hf_config) -> str:
     return "mlm"
 
 
+def _report(result: dict, output: str | None) -> int:
+    """Print ``fastft eval``'s metrics as JSON, and write them to ``output`` if given."""
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
 def _eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fastft eval",
@@ -146,14 +157,7 @@ def _eval(argv: list[str]) -> int:
         txt_mode=args.txt_mode,
         text_column=args.text_column,
     )
-    result = {"model": args.model, "objective": objective, **metrics}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return _report({"model": args.model, "objective": objective, **metrics}, args.output)
 
 
 def _rows(path: str) -> list[dict]:
@@ -188,13 +192,7 @@ def _eval_finetuned(args) -> int:
     except (KeyError, ValueError, TypeError, FileNotFoundError) as error:
         print(f"fastft eval: {error}", file=sys.stderr)
         return 2
-    text = json.dumps({"model": args.model, "task": task.name, "sets": metrics}, indent=2, default=str)
-    print(text)
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return _report({"model": args.model, "task": task.name, "sets": metrics}, args.output)
 
 
 def _finetune(argv: list[str]) -> int:
