@@ -143,6 +143,10 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler)
     gradient_checkpointing: bool = False
     fused: bool = True  # apply fastft.patch (fused attention / loss kernels)
+    # CPU runs only: nn.Dropout draws its masks from a faster generator (fastft/nn/dropout.py),
+    # and (Linux/glibc) malloc keeps large freed buffers instead of re-mapping them each step.
+    fast_dropout: bool = True
+    retain_freed_memory: bool = True
     eval_every: int = 0  # optimizer steps between evaluations; 0: at each epoch end
     eval_batches: int | None = None  # None: the whole held-out set
     eval_batch_size: int | None = None  # None: batch_size
