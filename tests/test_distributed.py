@@ -52,6 +52,29 @@ NUM_EXAMPLES = 22
 # ----------------------------------------------------------------------------- sampler
 
 
+@pytest.mark.parametrize("max_norm", [None, 1.0])
+@pytest.mark.parametrize("grad_scale", [1e-3, 10.0])  # under and over the limit
+def test_one_process_clipping_is_torch_clip_grad_norm(max_norm, grad_scale):
+    """The loop's clipping (it skips torch's multiply-by-1.0 under the limit) leaves the
+    same gradients and returns the same norm as torch.nn.utils.clip_grad_norm_, bitwise."""
+    from fastft.train.distributed import setup_parallel
+
+    parallel = setup_parallel(TrainConfig(distributed="none", device="cpu"))
+    torch.manual_seed(2)
+    ours = [torch.nn.Parameter(torch.randn(n)) for n in (1, 7, 113, 1031)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for mine, other in zip(ours, theirs):
+        mine.grad = torch.randn_like(mine) * grad_scale
+        other.grad = mine.grad.clone()
+    ours.append(torch.nn.Parameter(torch.randn(3)))  # no gradient: skipped by both
+    norm = parallel.clip_grad_norm_(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm if max_norm else float("inf"))
+    assert norm == float(expected)
+    assert all(torch.equal(mine.grad, other.grad) for mine, other in zip(ours, theirs))
+    if max_norm and grad_scale > 1:
+        assert float(torch.nn.utils.get_total_norm([p.grad for p in ours[:-1]])) == pytest.approx(max_norm, rel=1e-5)
+
+
 @pytest.mark.parametrize("num_examples,batch_size,world_size", [(22, 2, 2), (23, 3, 2), (13, 1, 3), (7, 4, 1), (9, 2, 4)])
 def test_shards_are_disjoint_cover_the_epoch_and_match_one_process(num_examples, batch_size, world_size):
     shards = [EpochBatches(num_examples, batch_size, seed=5, world_size=world_size, rank=r) for r in range(world_size)]
