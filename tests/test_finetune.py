@@ -1,7 +1,8 @@
 """Fine-tuning (fastft/train/finetune.py, tasks.py, guards.py, task_metrics.py).
 
 Tiny models pretrained here in a few seconds on the generated toy corpus
-(``fastft.data.toy_corpus``), tasks generated from the same grammar; each case checks
+(``fastft.data.toy_corpus``) or on topical documents of the same grammar
+(tests/_finetune_fixtures.py), tasks generated from that grammar; each case checks
 that the loss goes down and the task metric beats the majority class on held-out rows.
 ``fused=False``: the CPU path of the loop (fastft.patch is tested in test_models.py).
 """
@@ -15,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from fastft.data import toy_corpus, toy_tokenizer
+from fastft.data import toy_corpus
 from fastft.train.finetune import evaluate_sets, finetune, load_finetuned, predict
 from fastft.train.task_metrics import (
     accuracy,
@@ -27,6 +28,8 @@ from fastft.train.task_metrics import (
     token_f1,
 )
 from fastft.train.tasks import QuestionAnsweringTask, SFTTask, TokenClassificationTask, get_task
+
+from _finetune_fixtures import topic_corpus, topic_rows  # tests/_finetune_fixtures.py
 
 FAST = dict(progress=False, plot=False, fused=False, batch_size=16, save_every=0, log_every=1000)
 BIG = {"enormous", "extraordinary", "unbelievable"}  # adjectives WordPiece splits into several pieces too
@@ -46,14 +49,21 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+# toy_tokenizer() trains anew in each process and the tokenizers WordPiece trainer breaks ties
+# at the vocabulary cut in hash-map order, so its vocabulary differs between processes (4
+# of 5 fresh processes differed, measured) and with it every tiny model here. The tests
+# load one draw of it, saved once (tests/data/), so that a run is the same in every process.
+TOKENIZERS = os.path.join(os.path.dirname(__file__), "data")
+
+
 @pytest.fixture(scope="module")
 def bert_tokenizer():
-    return toy_tokenizer()
+    return transformers.AutoTokenizer.from_pretrained(os.path.join(TOKENIZERS, "toy_bert_tokenizer"))
 
 
 @pytest.fixture(scope="module")
 def gpt_tokenizer():
-    return toy_tokenizer(kind="gpt")
+    return transformers.AutoTokenizer.from_pretrained(os.path.join(TOKENIZERS, "toy_gpt_tokenizer"))
 
 
 def _tiny_bert_config(tokenizer, **extra):
@@ -63,27 +73,33 @@ def _tiny_bert_config(tokenizer, **extra):
     )
 
 
-@pytest.fixture(scope="module")
-def pretrained_bert(bert_tokenizer, tmp_path_factory):
-    """A tiny BERT masked-LM pretrained on the toy corpus, saved to disk (a real base path)."""
+def _pretrain_tiny_bert(tokenizer, texts, steps, out, seed=0):
+    """Plain masked-LM steps on ``texts``, 16 documents per step (not fastft.pretrain: no
+    checkpoints/fsync, faster here); the model and tokenizer are saved to ``out/base``, a
+    real base path."""
     from fastft.data import MaskedLMCollator
 
-    torch.manual_seed(0)
-    model = transformers.BertForMaskedLM(_tiny_bert_config(bert_tokenizer))
-    out = tmp_path_factory.mktemp("pretrain")
-    # A few dozen plain masked-LM steps (not fastft.pretrain: no checkpoints/fsync, faster here).
-    documents = [{"input_ids": ids} for ids in bert_tokenizer(toy_corpus(320, seed=11))["input_ids"]]
-    collator = MaskedLMCollator(bert_tokenizer, seed=0)
+    torch.manual_seed(seed)
+    model = transformers.BertForMaskedLM(_tiny_bert_config(tokenizer))
+    documents = [{"input_ids": ids} for ids in tokenizer(texts)["input_ids"]]
+    collator = MaskedLMCollator(tokenizer, seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
-        batch = collator(documents[(16 * step) % 320:][:16])
+    for step in range(steps):
+        start = (16 * step) % len(documents)
+        batch = collator(documents[start:start + 16])
         model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     path = str(out / "base")
     model.save_pretrained(path)
-    bert_tokenizer.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def pretrained_bert(bert_tokenizer, tmp_path_factory):
+    """A tiny BERT masked-LM pretrained 60 steps on the toy corpus, saved to disk."""
+    return _pretrain_tiny_bert(bert_tokenizer, toy_corpus(320, seed=11), 60, tmp_path_factory.mktemp("pretrain"))
 
 
 def unlabeled(n, seed):
@@ -171,17 +187,74 @@ def test_metric_functions_on_known_values():
 # ------------------------------------------------------------------------ tasks x strategies
 
 
-# Strategies that learn this task on the tiny fixture within a CPU-test budget. Those that
-# keep the embeddings frozen (features, freeze, LoRA, adapters) stay at the majority class
-# here: 60 masked-LM steps turn the tiny model's [CLS] into a near-constant attention sink
-# (a linear probe on its [CLS] reads the task perfectly at random init, at chance after
-# ~50 steps), and only an update of the embeddings undoes that; gradual unfreezing learns
-# the task in the epoch after it unfreezes them. The real-model test below
-# (test_minilm_strategies_beat_frozen_features_quick) covers features, LoRA and gradual
-# unfreezing on a model whose [CLS] features are meaningful.
-@pytest.mark.parametrize("strategy,options,lr,epochs", [("full", {}, 1e-2, 6), ("gradual-unfreeze", {}, 1e-2, 8)])
-def test_sequence_classification_learns(pretrained_bert, bert_tokenizer, tmp_path, strategy, options, lr, epochs):
+# strategy: (options, lr, epochs), what a user would pass for a tiny model.
+TOPIC_RUNS = {
+    "full": ({}, 1e-2, 6),
+    "gradual-unfreeze": ({}, 1e-2, 8),
+    "features": ({}, 1e-2, 10),  # a linear head on frozen features: cheap epochs
+    "freeze": ({"train_last": 1}, 1e-2, 6),
+    "lora": ({"rank": 4}, 1e-2, 6),
+    "adapter": ({"bottleneck_size": 8}, 1e-2, 6),
+}
+
+
+@pytest.fixture(scope="module")
+def topic_bert(bert_tokenizer, tmp_path_factory):
+    """A tiny BERT masked-LM pretrained 300 steps on topical documents (_finetune_fixtures)."""
+    return _pretrain_tiny_bert(bert_tokenizer, topic_corpus(320, seed=11), 300, tmp_path_factory.mktemp("topic"))
+
+
+def _topic_run(path, tokenizer, output_dir, strategy, seed):
+    """Fine-tune ``path`` with ``strategy`` on the topic task; returns (result, validation
+    loss of the fresh head before training). "test" rows select nothing (the best
+    checkpoint is chosen on "validation")."""
+    options, lr, epochs = TOPIC_RUNS[strategy]
+    data = {"train": topic_rows(160, seed), "validation": topic_rows(80, seed + 1), "test": topic_rows(80, seed + 31)}
+    torch.manual_seed(seed)  # the fresh head (and LoRA / adapter weights)
+    model = seq_model(path)
+    task = get_task("classification")
+    task.fit_labels(data["train"])
+    loss_before = evaluate_sets(model, tokenizer, task, {"validation": data["validation"]})["validation"]["loss"]
+    result = finetune(model, tokenizer, data, task="classification", strategy=strategy, strategy_options=options,
+                      output_dir=str(output_dir), epochs=epochs, lr=lr, save=False, **FAST)
+    return result, loss_before
+
+
+# Each strategy learns the topic of a sentence (tests/_finetune_fixtures.py) on the tiny
+# model pretrained on topical documents. Frozen [CLS] features are only as good as the
+# pretraining makes them: on `pretrained_bert` (60 masked-LM steps on toy_corpus, whose
+# words are all drawn independently, so no input has anything to summarise) features and
+# adapters stay at the majority class on this task (validation loss flat at ln 2) and
+# freeze / LoRA learn it on some seeds only. After 300 steps on topical documents, held-out
+# accuracy (majority 0.5) over data / head seeds 1-3 x pretraining seeds 0-1, and over five
+# draws of toy_tokenizer's vocabulary (it changes between processes: WordPiece ties) at
+# seed 1: full 0.96-0.99, gradual unfreezing 0.94-1.0, features 0.85-0.98, freeze (last
+# layer) 0.91-1.0, LoRA 0.91-0.99, adapters 0.95-1.0. Masked-LM alone is enough: masked-LM
+# + next-sentence prediction (BertForPreTraining, 500 steps on the same documents) gave
+# weaker frozen features (0.76-0.80); on toy_corpus documents a true next sentence is as
+# independent a draw as a random one, so NSP has no content to learn there. The real-model
+# test below (test_minilm_strategies_beat_frozen_features_quick) covers full, LoRA and
+# gradual unfreezing on a task that frozen MiniLM features cannot read.
+@pytest.mark.parametrize("strategy", list(TOPIC_RUNS))
+def test_sequence_classification_learns(topic_bert, bert_tokenizer, tmp_path, strategy):
+    result, loss_before = _topic_run(topic_bert, bert_tokenizer, tmp_path, strategy, seed=1)
+    losses = [h["loss"] for h in result.history if h["set"] == "validation"]
+    assert losses[-1] < 0.9 * loss_before, (loss_before, losses)  # features: 0.45-0.56 from 0.69
+    accuracy_ = result.metrics["test"]["accuracy"]
+    assert accuracy_ > result.majority["test"] + 0.1, (accuracy_, result.majority)
+    assert set(result.metrics["test"]["per_class"]) == {"a", "b"}
+
+
+# The size task ("big" when one of three adjectives occurs) on `pretrained_bert`: only
+# strategies that update the embeddings learn it in a CPU-test budget (gradual unfreezing in
+# the epoch after it unfreezes them); the frozen-embedding ones stay at the majority class.
+# Gradual unfreezing is not run here: it stayed at chance on about one draw of toy_tokenizer's
+# vocabulary in eight (measured; 10 epochs instead of 8 did not help), while on the topic
+# task above it passed every draw tried.
+@pytest.mark.parametrize("strategy,options,lr,epochs", [("full", {}, 1e-2, 6)])
+def test_size_classification_learns(pretrained_bert, bert_tokenizer, tmp_path, strategy, options, lr, epochs):
     data = {"train": size_rows(160, 1), "validation": size_rows(80, 2), "test": size_rows(80, 32)}
+    torch.manual_seed(0)
     model = seq_model(pretrained_bert)
     result = finetune(model, bert_tokenizer, data, task="classification", strategy=strategy, strategy_options=options,
                       output_dir=str(tmp_path), epochs=epochs, lr=lr, save=False, **FAST)
