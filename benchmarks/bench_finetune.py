@@ -22,7 +22,8 @@ Each implementation trains in a fresh process (nothing one leaves behind, e.g. f
 process-wide malloc setting, reaches another); fastft and the dynamic-padding loops run
 twice, the second time in reversed order, the max_length loop once. Reported: seconds per
 epoch (median over all measured epochs; ``epochs`` counts them), the ratio to fastft,
-validation accuracy after training (mean over the runs). Target: fastft ≤ 0.8× the plain loop's time, same accuracy within noise.
+validation accuracy after training (mean over the runs). Target: fastft ≤ 0.8× the plain
+loop's time, same accuracy within noise.
 
 GPU (when CUDA is available): LoRA fine-tuning steps of a Llama-style ~1.1B model
 (TinyLlama shapes, random bf16 weights) at sequence length 2048: fastft (``fastft.peft``

@@ -39,14 +39,7 @@ ANIMALS = {"fox", "dog", "cat", "bird", "elephant"}
 # ------------------------------------------------------------------------ fixtures and data
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Small models: a second thread costs more than it saves, and on a shared 2-core machine
-    # two OpenMP threads that wait on each other made every step up to 30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # toy_tokenizer() trains anew in each process and the tokenizers WordPiece trainer breaks ties

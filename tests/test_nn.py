@@ -10,14 +10,7 @@ import torch.nn.functional as F
 from fastft.nn import Adapter, LoRALinear, PrefixEncoder, PromptEmbedding
 from fastft.ops.lora_linear import lora_linear, lora_linear_ref
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is faster, and on a busy shared machine far
-    faster (two spinning OpenMP threads stall each other). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 

@@ -13,14 +13,7 @@ from fastft.nn import LoRALinear
 from fastft.ops.lora_linear import lora_linear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is faster, and on a busy shared machine far
-    faster (two spinning OpenMP threads stall each other). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 VOCAB = 61

@@ -22,6 +22,8 @@ dtypes, it is ``nn.Dropout`` itself. ``use_fast_dropout(model)`` swaps a model's
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -35,9 +37,7 @@ _LEVELS = 1 << 16  # mask draws are 16-bit: p is rounded to a multiple of 2**-16
 def cpu_keep_scale(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor of ``shape`` holding ``0`` (dropped, probability ≈ ``p``) or
     ``1 / keep_probability`` (kept), with the seed drawn from torch's default generator."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     threshold = round(p * _LEVELS)  # draws below it are dropped
     scale = np.float32(_LEVELS / (_LEVELS - threshold))  # 1 / P(keep) for the rounded p
     seed = int(torch.randint(0, 2**63 - 1, (1,)))  # torch's RNG state decides the mask

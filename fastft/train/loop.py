@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -105,6 +106,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@functools.cache  # process-wide and permanent: once is enough (libc_ver reads the executable)
 def retain_freed_memory() -> bool:
     """Linux/glibc: let malloc keep freed blocks up to 1 GiB in the process for reuse.
 
