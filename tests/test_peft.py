@@ -1,7 +1,9 @@
 """fastft.peft on tiny random Hugging Face models: injection, freezing, training, merge,
 PEFT-format round trips in both directions, accelerate(peft_model), errors."""
 
+import ast
 import copy
+import pathlib
 from unittest import mock
 
 import pytest
@@ -11,7 +13,6 @@ import transformers
 import fastft.peft as fp
 from fastft.nn import LoRALinear
 from fastft.ops.lora_linear import lora_linear
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -88,7 +89,7 @@ def test_lora_injection_targets_and_heads(kind):
     assert not any(name.endswith(("lm_head", "classifier", "score")) for name in names)  # heads excluded
     if kind == "bert":
         assert {"bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"} <= names
-        assert fp.inject._state(model).modules_to_save == ["classifier"]
+        assert fp.state.peft_state(model).modules_to_save == ["classifier"]
     if kind == "gpt2":  # Conv1D layers are adapted too
         assert "transformer.h.0.attn.c_attn" in names and "transformer.h.1.mlp.c_proj" in names
     close(logits(model, make_batch(kind)), base_out, 0)  # B = 0: starts as the base model
@@ -209,7 +210,7 @@ def test_adapters_after_attention_and_feed_forward_of_each_layer(kind):
     batch = make_batch(kind)
     base_out = logits(model.eval(), batch)
     fp.apply(model, "adapter", bottleneck_size=5)
-    hosts = fp.inject._state(model).config["adapter"]["hosts"]
+    hosts = fp.state.peft_state(model).config["adapter"]["hosts"]
     expected = {
         "bert": ["bert.encoder.layer.{}.attention.output.dense", "bert.encoder.layer.{}.output.dense"],
         "gpt2": ["transformer.h.{}.attn.c_proj", "transformer.h.{}.mlp.c_proj"],
@@ -277,7 +278,7 @@ def test_prefix_wiring_masked_prefix_equals_base(kind):
     assert not torch.allclose(with_prefix, base_out, atol=1e-3)  # the prefix is attended to
     from fastft.peft import virtual_tokens
 
-    fp.inject._state(model).virtual_token_hook.remove()
+    fp.state.peft_state(model).virtual_token_hook.remove()
 
     def masked_prefix_hook(module, args, kwargs):
         args, kwargs = virtual_tokens._prefix_hook(module, args, kwargs)
@@ -320,7 +321,7 @@ def test_prompt_prepends_virtual_tokens(kind):
     if kind == "gpt2":
         assert out.logits.shape == (4, 3 + 7, VOCAB)  # token-level outputs cover the virtual tokens
         # Same as feeding the prompt tokens' embeddings by hand with -100 labels for them.
-        fp.inject._state(model).virtual_token_hook.remove()
+        fp.state.peft_state(model).virtual_token_hook.remove()
         ids = torch.cat([torch.tensor([[5, 6, 7]]).expand(4, 3), batch["input_ids"]], dim=1)
         mask = torch.cat([torch.ones(4, 3, dtype=torch.long), batch["attention_mask"]], dim=1)
         labels = torch.cat([torch.full((4, 3), -100), batch["labels"]], dim=1)
@@ -369,10 +370,9 @@ def test_fastft_save_loads_in_peft(kind, tmp_path):
             model.classifier.weight.normal_()  # a trained head must travel with the adapter
     # Different rank on one layer: written as PEFT's rank_pattern.
     if kind == "gpt2":
-        name = "transformer.h.1.attn.c_attn"
-        parent = model.transformer.h[1].attn
+        parent = model.transformer.h[1].attn  # transformer.h.1.attn.c_attn
         parent.c_attn = LoRALinear(parent.c_attn.base_layer, rank=2, alpha=8)
-        fp.inject._refreeze(model)
+        fp.state.refreeze(model)
         with torch.no_grad():
             parent.c_attn.lora_b.normal_()
     fp.save_adapter(model, tmp_path)
@@ -498,3 +498,56 @@ def test_bad_input_errors(tmp_path):
         fp.apply(prompted, "prefix", num_virtual_tokens=2)
     with pytest.raises(ValueError, match="cannot find the attention output"):
         fp.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), "adapter")
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def peft_import_graph(package_dir: pathlib.Path) -> dict[str, set[str]]:
+    """``{module: modules it imports}`` for the files of fastft.peft, read with ``ast``:
+    every import statement counts, at module level or inside a function (an import put
+    into a function to dodge a cycle is still a cycle). A name imported from a package
+    counts as its submodule when there is one by that name, else as the package."""
+    modules = {("fastft.peft" if path.stem == "__init__" else f"fastft.peft.{path.stem}"): path
+               for path in package_dir.glob("*.py")}
+    graph = {}
+    for module, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                parent = "fastft.peft".rsplit(".", node.level - 1)[0] if node.level else ""  # `from .x` / `from ..x`
+                base = ".".join(part for part in (parent, node.module) if part)
+                imported.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                                for alias in node.names)
+        graph[module] = imported
+    return graph
+
+
+def test_peft_imports_form_no_cycle_and_stay_below_train():
+    graph = peft_import_graph(pathlib.Path(fp.__file__).parent)
+    assert {"fastft.peft.inject", "fastft.peft.io", "fastft.peft.virtual_tokens"} <= set(graph)
+    for module, imported in graph.items():
+        # fastft.peft sits above fastft.nn / fastft.ops and below everything else of fastft.
+        upward = sorted(name for name in imported if name.startswith("fastft.")
+                        and not name.startswith(("fastft.peft", "fastft.nn", "fastft.ops")))
+        assert not upward, f"{module} imports {upward}, above fastft.peft"
+    internal = {module: {name for name in imported if name in graph and name != module}
+                for module, imported in graph.items()}
+    done, on_path = set(), []
+
+    def visit(module):
+        if module in on_path:
+            cycle = on_path[on_path.index(module):] + [module]
+            raise AssertionError("import cycle in fastft.peft: " + " -> ".join(cycle))
+        if module in done:
+            return
+        on_path.append(module)
+        for name in sorted(internal[module]):
+            visit(name)
+        on_path.pop()
+        done.add(module)
+
+    for module in sorted(internal):
+        visit(module)

@@ -10,12 +10,21 @@
 
 ``load_adapter`` reads adapters saved by PEFT; ``accelerate(peft_model)`` runs an existing
 PEFT model's LoRA layers through fastft's fused op.
+
+Modules, each importing only the ones below it (``tests/test_peft.py`` checks there is
+no cycle, and nothing from above ``fastft.peft``):
+
+    io              save_adapter / load_adapter (PEFT's format)   -> inject, state, sharding
+    inject          apply, merge, lora_layers, the report         -> virtual_tokens, state
+    virtual_tokens  prefix and prompt tuning (forward pre-hooks)  -> state
+    state           the per-model record and refreeze
+    sharding        full_tensor (FSDP2 shards -> whole tensors)
+    interop         accelerate(peft_model)
 """
 
 from fastft.peft.inject import (
     DEFAULT_MODULES_TO_SAVE,
     METHODS,
-    PREFIX_VERIFIED_MODEL_TYPES,
     TrainableParametersReport,
     apply,
     lora_layers,
@@ -25,7 +34,7 @@ from fastft.peft.inject import (
 )
 from fastft.peft.interop import accelerate
 from fastft.peft.io import load_adapter, save_adapter
-from fastft.peft.virtual_tokens import materialize_prefix
+from fastft.peft.virtual_tokens import PREFIX_VERIFIED_MODEL_TYPES, materialize_prefix
 
 __all__ = [
     "apply",

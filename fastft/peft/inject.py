@@ -2,8 +2,8 @@
 
 ``apply(model, method, **config)`` modifies ``model`` in place (and returns it): it adds
 the method's modules, freezes everything else, and keeps the task head trainable
-(``modules_to_save``). What was applied is recorded on the model (``model._fastft_peft``)
-so that ``merge`` / ``save_adapter`` / a second ``apply`` know about it.
+(``modules_to_save``). What was applied is recorded on the model (``model._fastft_peft``,
+see ``fastft.peft.state``) so that ``merge`` / ``save_adapter`` / a second ``apply`` know about it.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch.nn as nn
 
 from fastft.nn import Adapter, LoRALinear, PrefixEncoder, PromptEmbedding, is_linear_like
+from fastft.peft.state import FASTFT_MODULES, peft_state, refreeze
+from fastft.peft.virtual_tokens import apply_prefix, apply_prompt
 
 __all__ = [
     "apply",
@@ -54,44 +56,20 @@ FEED_FORWARD_OUTPUT_PATTERN = (
     r"|mlp\.dense_4h_to_h"  # GPT-NeoX, Falcon, BLOOM
     r")"
 )
-# Architectures on which prefix tuning through the key/value cache has been verified
-# (tests/test_peft.py and the checks in fastft/peft/virtual_tokens.py).
-PREFIX_VERIFIED_MODEL_TYPES = ("bert", "roberta", "gpt2", "llama")
-
-_FASTFT_MODULES = (LoRALinear, Adapter, PrefixEncoder, PromptEmbedding)
-
-
-@dataclass
-class PeftState:
-    """What fastft.peft applied to a model (stored as ``model._fastft_peft``)."""
-
-    methods: list[str] = field(default_factory=list)
-    modules_to_save: list[str] = field(default_factory=list)  # full module names
-    adapter_hooks: dict[str, tuple] = field(default_factory=dict)  # host name -> (hook handle, Adapter)
-    virtual_token_hook: Any = None  # prefix / prompt forward pre-hook handle
-    config: dict[str, dict] = field(default_factory=dict)  # method -> the config it was applied with
-
-
-def _state(model: nn.Module) -> PeftState:
-    state = model.__dict__.get("_fastft_peft")
-    if state is None:
-        state = PeftState()
-        model.__dict__["_fastft_peft"] = state
-    return state
 
 
 # --------------------------------------------------------------------------- module lookup
 
 
 def _fastft_module_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, _FASTFT_MODULES)]
+    return [name for name, module in model.named_modules() if isinstance(module, FASTFT_MODULES)]
 
 
 def _base_named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """named_modules() without fastft's own modules and what they contain."""
     inside = [name + "." for name in _fastft_module_names(model)]
     for name, module in model.named_modules():
-        if isinstance(module, _FASTFT_MODULES) or any(name.startswith(prefix) for prefix in inside):
+        if isinstance(module, FASTFT_MODULES) or any(name.startswith(prefix) for prefix in inside):
             continue
         yield name, module
 
@@ -165,26 +143,6 @@ def _out_features(module: nn.Module) -> int:
     raise TypeError(f"cannot tell the output size of {type(module).__name__}")
 
 
-# --------------------------------------------------------------------------- freezing
-
-
-def _refreeze(model: nn.Module) -> None:
-    """Freeze everything, then unfreeze every fastft adapter parameter and modules_to_save."""
-    state = _state(model)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            module.lora_a.requires_grad_(True)
-            module.lora_b.requires_grad_(True)
-        elif isinstance(module, (Adapter, PrefixEncoder, PromptEmbedding)):
-            for param in module.parameters():
-                param.requires_grad_(True)
-    for name in state.modules_to_save:
-        for param in model.get_submodule(name).parameters():
-            param.requires_grad_(True)
-
-
 # --------------------------------------------------------------------------- LoRA
 
 
@@ -223,7 +181,7 @@ def _lora_targets(model: nn.Module, target_modules, modules_to_save: Sequence[st
 def _inject_lora(model: nn.Module, targets: Sequence[str], *, rank: Union[int, dict], alpha: Union[float, dict],
                  dropout: float, rslora: bool) -> list[str]:
     """Wrap each named linear module in a ``LoRALinear`` (rank / alpha may be per-name dicts)."""
-    state = _state(model)
+    state = peft_state(model)
     for name in targets:
         parent, leaf = _get_parent(model, name)
         base = getattr(parent, leaf)
@@ -264,15 +222,7 @@ def merge(model: nn.Module) -> nn.Module:
         ValueError: the model has no LoRA layers.
         RuntimeError: a layer is already merged.
     """
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no fastft LoRA layers to merge")
-    already = [name for name, layer in layers.items() if layer.merged]
-    if already:
-        raise RuntimeError(f"LoRA is already merged (e.g. {already[0]}); call unmerge(model) first")
-    for layer in layers.values():
-        layer.merge()
-    return model
+    return _set_merged(model, merged=True)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -282,14 +232,21 @@ def unmerge(model: nn.Module) -> nn.Module:
         ValueError: the model has no LoRA layers.
         RuntimeError: a layer is not merged.
     """
+    return _set_merged(model, merged=False)
+
+
+def _set_merged(model: nn.Module, *, merged: bool) -> nn.Module:
+    """Merge (``merged=True``) or unmerge every LoRA layer; all must be in the other state."""
+    action = "merge" if merged else "unmerge"
     layers = lora_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no fastft LoRA layers to unmerge")
-    not_merged = [name for name, layer in layers.items() if not layer.merged]
-    if not_merged:
-        raise RuntimeError(f"LoRA is not merged (e.g. {not_merged[0]}); nothing to unmerge")
+        raise ValueError(f"{type(model).__name__} has no fastft LoRA layers to {action}")
+    done = [name for name, layer in layers.items() if layer.merged == merged]
+    if done:
+        raise RuntimeError(f"LoRA is already merged (e.g. {done[0]}); call unmerge(model) first" if merged
+                           else f"LoRA is not merged (e.g. {done[0]}); nothing to unmerge")
     for layer in layers.values():
-        layer.unmerge()
+        getattr(layer, action)()
     return model
 
 
@@ -313,35 +270,39 @@ def _adapter_key(name: str) -> str:
 def _register_adapter_hook(model: nn.Module, name: str, adapter: Adapter) -> None:
     handle = model.get_submodule(name).register_forward_hook(_AdapterHook(adapter))
     # The adapter is kept with the handle to re-register the hook when LoRA wraps the host.
-    _state(model).adapter_hooks[name] = (handle, adapter)
+    peft_state(model).adapter_hooks[name] = (handle, adapter)
+
+
+def _adapter_hosts(model: nn.Module, adapter_modules) -> list[str]:
+    """The linear modules whose outputs get an adapter: ``adapter_modules`` (suffixes or a
+    regex), or by default each layer's attention-output and feed-forward-output projection."""
+    candidates = [name for name, module in _base_named_modules(model) if name and is_linear_like(module)]
+    # LoRALinear hosts count too (adapters go after the adapted output).
+    candidates += [name for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    if adapter_modules is not None:
+        hosts = [name for name in candidates if _matches(name, adapter_modules)]
+        if not hosts:
+            raise ValueError(f"adapter_modules={adapter_modules!r} matches no linear module (adapters go after a "
+                             f"sublayer's output projection); linear modules here include: "
+                             f"{_some_names(candidates)}")
+        return hosts
+    # Houlsby et al. place the adapter on the sublayer's output, before the residual
+    # addition (and, post-LN models, the layer norm): exactly the projection's output.
+    attention = [name for name in candidates if re.fullmatch(ATTENTION_OUTPUT_PATTERN, name)]
+    feed_forward = [name for name in candidates if re.fullmatch(FEED_FORWARD_OUTPUT_PATTERN, name)]
+    if not attention or not feed_forward:
+        missing = "attention output" if not attention else "feed-forward output"
+        raise ValueError(
+            f"cannot find the {missing} projections of {type(model).__name__} to insert adapters after; pass "
+            f"adapter_modules=[...] (name suffixes or a regex). Linear modules here include: "
+            f"{_some_names(candidates)}")
+    return sorted(set(attention + feed_forward), key=candidates.index)
 
 
 def _apply_adapter(model, modules_to_save, *, bottleneck_size=None, activation="gelu", up_init_std=1e-3,
                    adapter_modules=None):
-    state = _state(model)
-    candidates = [(name, module) for name, module in _base_named_modules(model) if name]
-    # LoRALinear hosts count too (adapters go after the adapted output).
-    candidates += [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
-    candidates = [(name, module) for name, module in candidates
-                  if is_linear_like(module) or isinstance(module, LoRALinear)]
-    if adapter_modules is None:
-        # Houlsby et al. place the adapter on the sublayer's output, before the residual
-        # addition (and, post-LN models, the layer norm): exactly the projection's output.
-        attention = [name for name, _ in candidates if re.fullmatch(ATTENTION_OUTPUT_PATTERN, name)]
-        feed_forward = [name for name, _ in candidates if re.fullmatch(FEED_FORWARD_OUTPUT_PATTERN, name)]
-        if not attention or not feed_forward:
-            missing = "attention output" if not attention else "feed-forward output"
-            raise ValueError(
-                f"cannot find the {missing} projections of {type(model).__name__} to insert adapters after; pass "
-                f"adapter_modules=[...] (name suffixes or a regex). Linear modules here include: "
-                f"{_some_names([n for n, _ in candidates])}")
-        hosts = sorted(set(attention + feed_forward), key=[n for n, _ in candidates].index)
-    else:
-        hosts = [name for name, _ in candidates if _matches(name, adapter_modules)]
-        if not hosts:
-            raise ValueError(f"adapter_modules={adapter_modules!r} matches no linear module (adapters go after a "
-                             f"sublayer's output projection); linear modules here include: "
-                             f"{_some_names([n for n, _ in candidates])}")
+    state = peft_state(model)
+    hosts = _adapter_hosts(model, adapter_modules)
     doubled = [name for name in hosts if name in state.adapter_hooks]
     if doubled:
         raise ValueError(f"{doubled[0]!r} already has an adapter")
@@ -415,7 +376,7 @@ def apply(model: nn.Module, method: str = "lora", *, modules_to_save: Union[str,
     if unknown:
         raise TypeError(f"apply(method={method!r}) got unexpected option(s) {', '.join(unknown)}; "
                         f"valid options: modules_to_save, {', '.join(_METHOD_CONFIG[method])}")
-    state = _state(model)
+    state = peft_state(model)
     if method in state.methods and method != "lora":
         raise ValueError(f"method {method!r} is already applied to this model")
     if method in ("prefix", "prompt") and {"prefix", "prompt"} & set(state.methods):
@@ -425,14 +386,14 @@ def apply(model: nn.Module, method: str = "lora", *, modules_to_save: Union[str,
         applied = _apply_lora(model, saved, **config)
     elif method == "adapter":
         applied = _apply_adapter(model, saved, **config)
+    elif method == "prefix":
+        applied = apply_prefix(model, **config)
     else:
-        from fastft.peft import virtual_tokens
-
-        applied = (virtual_tokens.apply_prefix if method == "prefix" else virtual_tokens.apply_prompt)(model, **config)
+        applied = apply_prompt(model, **config)
     state.methods.append(method)
     state.config[method] = applied
-    state.modules_to_save.extend(name for name in saved if name not in state.modules_to_save)
-    _refreeze(model)
+    state.keep_trainable(saved)
+    refreeze(model)
     return model
 
 
@@ -472,7 +433,7 @@ def trainable_parameters_report(model: nn.Module) -> TrainableParametersReport:
         params = [module.lora_a, module.lora_b] if isinstance(module, LoRALinear) else module.parameters()
         for param in params:
             group_of[id(param)] = group
-    for name in _state(model).modules_to_save:
+    for name in peft_state(model).modules_to_save:
         for param in model.get_submodule(name).parameters():
             group_of.setdefault(id(param), "modules_to_save")
     seen: set[int] = set()

@@ -43,11 +43,15 @@ import torch
 import torch.nn as nn
 
 from fastft.nn import PrefixEncoder, PromptEmbedding
+from fastft.peft.state import peft_state, refreeze
 
-__all__ = ["apply_prefix", "apply_prompt", "materialize_prefix", "prefix_geometry"]
+__all__ = ["apply_prefix", "apply_prompt", "materialize_prefix", "prefix_geometry", "PREFIX_VERIFIED_MODEL_TYPES"]
 
 PREFIX_MODULE = "fastft_prefix"
 PROMPT_MODULE = "fastft_prompt"
+# Architectures on which prefix tuning through the key/value cache has been verified
+# (tests/test_peft.py and the checks described above).
+PREFIX_VERIFIED_MODEL_TYPES = ("bert", "roberta", "gpt2", "llama")
 
 
 def _text_config(model: nn.Module):
@@ -137,8 +141,6 @@ def apply_prefix(model: nn.Module, *, num_virtual_tokens: int = 20, prefix_proje
         NotImplementedError: the architecture is not one prefix tuning is verified on.
         ValueError: ``num_virtual_tokens < 1``.
     """
-    from fastft.peft.inject import PREFIX_VERIFIED_MODEL_TYPES, _state
-
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in PREFIX_VERIFIED_MODEL_TYPES or getattr(model.config, "is_encoder_decoder", False):
         raise NotImplementedError(
@@ -154,7 +156,7 @@ def apply_prefix(model: nn.Module, *, num_virtual_tokens: int = 20, prefix_proje
         projection_hidden_size=(projection_hidden_size or hidden_size) if prefix_projection else None,
         token_dim=hidden_size if prefix_projection else None, dtype=weight.dtype, device=weight.device)
     model.add_module(PREFIX_MODULE, encoder)
-    _state(model).virtual_token_hook = model.register_forward_pre_hook(_prefix_hook, with_kwargs=True)
+    peft_state(model).virtual_token_hook = model.register_forward_pre_hook(_prefix_hook, with_kwargs=True)
     return dict(num_virtual_tokens=num_virtual_tokens, prefix_projection=prefix_projection,
                 projection_hidden_size=projection_hidden_size)
 
@@ -169,9 +171,7 @@ def materialize_prefix(model: nn.Module) -> nn.Module:
     if not isinstance(encoder, PrefixEncoder):
         raise ValueError(f"{type(model).__name__} has no fastft prefix (apply(model, 'prefix') first)")
     encoder.materialize()
-    from fastft.peft.inject import _refreeze
-
-    _refreeze(model)  # the new prefixes parameter is trainable like the old ones
+    refreeze(model)  # the new prefixes parameter is trainable like the old ones
     return model
 
 
@@ -216,8 +216,6 @@ def apply_prompt(model: nn.Module, *, num_virtual_tokens: int = 20, init_text: O
             ``init_text`` and ``init_token_ids``.
         TypeError: the model has no ``nn.Embedding`` input embedding.
     """
-    from fastft.peft.inject import _state
-
     _check_virtual_tokens(num_virtual_tokens)
     if init_text is not None:
         if init_token_ids is not None:
@@ -229,5 +227,5 @@ def apply_prompt(model: nn.Module, *, num_virtual_tokens: int = 20, init_text: O
     if not isinstance(embeddings, nn.Embedding):
         raise TypeError(f"{type(model).__name__} has no nn.Embedding input embedding (get_input_embeddings())")
     model.add_module(PROMPT_MODULE, PromptEmbedding(num_virtual_tokens, embeddings, init_token_ids))
-    _state(model).virtual_token_hook = model.register_forward_pre_hook(_prompt_hook, with_kwargs=True)
+    peft_state(model).virtual_token_hook = model.register_forward_pre_hook(_prompt_hook, with_kwargs=True)
     return dict(num_virtual_tokens=num_virtual_tokens, init_text=init_text)
