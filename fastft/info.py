@@ -9,7 +9,7 @@ import platform
 import torch
 
 import fastft
-from fastft.ops import _cuda
+from fastft import _extension
 
 # op name -> module exposing PRIORITY and backend_reasons(...)
 OPS = {
@@ -42,14 +42,14 @@ def report() -> str:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     lines.append(f"device: {torch.cuda.get_device_name() if cuda else 'cpu (no CUDA GPU visible)'}")
-    build = _cuda.build_info()
-    if _cuda.load_error() is None:
+    build = _extension.build_info()
+    if _extension.load_error() is None:
         lines.append(f"CUDA extension: loaded (archs {';'.join(build.get('archs', []))}, CUDA {build.get('cuda_version', '?')})")
         if cuda:
-            for why in _cuda.device_reasons(device):
+            for why in _extension.device_reasons(device):
                 lines.append(f"  cannot run here: {why}")
     else:
-        lines.append(f"CUDA extension: {_cuda.load_error()}")
+        lines.append(f"CUDA extension: {_extension.load_error()}")
     lines.append("")
     lines.append(f"backends for {device.type} inputs (auto takes the first 'yes' in priority order):")
     for op_name, module_name in OPS.items():

@@ -31,18 +31,15 @@ Only plain pointer arithmetic is used (``tl.make_block_ptr`` is gone in triton 3
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from fastft.kernels._common import interpreting_triton
+
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------- autotuning
@@ -51,7 +48,7 @@ def _interpreting() -> bool:
 def _configs(shapes):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates; one small config under the
     interpreter (more than one fails there, and small blocks keep numpy quick)."""
-    if _interpreting():
+    if interpreting_triton():
         shapes = [(64, 64, 4, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
@@ -448,7 +445,7 @@ class _Problem:
             HEAD_DIM_PAD=self.head_dim_pad, CAUSAL=bool(causal), HAS_PADDING_MASK=key_padding_mask is not None,
             IS_VARLEN=self.varlen, HAS_DROPOUT=dropout_p > 0.0,
             # bf16 tl.dot is wrong in the interpreter: upcast the tiles there.
-            DOT_FP32=_interpreting() and q.dtype == torch.bfloat16,
+            DOT_FP32=interpreting_triton() and q.dtype == torch.bfloat16,
         )
 
     def pointers(self, q):
@@ -488,7 +485,7 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty(problem.lse_shape, dtype=torch.float32, device=q.device)
 
-    delta_block = 32 if _interpreting() else 64
+    delta_block = 32 if interpreting_triton() else 64
     _attention_bwd_delta_kernel[(triton.cdiv(problem.seq_q, delta_block), problem.batch * problem.heads_q)](
         out, grad_out, delta, cu,
         *_strides4(out, varlen), *_strides4(grad_out, varlen), *problem.lse_strides,

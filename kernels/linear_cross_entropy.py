@@ -57,18 +57,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fastft.kernels._common import interpreting_triton
 
 __all__ = ["linear_cross_entropy_rows"]
 
 # The Triton interpreter (TRITON_INTERPRET=1) runs every program instance through numpy:
 # it cannot autotune over several configs, and tl.dot on bf16 returns garbage, so kernels
 # read this flag (it must be set before triton decorates kernels, i.e. before import).
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = interpreting_triton()
 
 # Kernel globals must be tl.constexpr (the GPU compiler rejects plain globals; the
 # interpreter does not, so only a real compile catches it).

@@ -19,7 +19,7 @@ Two kernels serve all four:
     atomics).
 
 Which GEMM runs the base matmul (the design decision, to be confirmed by
-benchmarks/bench_lora.py on a GPU; override with FASTFT_LORA_BASE_GEMM=cublas|triton):
+benchmarks/bench_lora_linear.py on a GPU; override with FASTFT_LORA_BASE_GEMM=cublas|triton):
 
 * int8 weights: always this file's fused kernel. cuBLAS has no int8-weight x bf16-activation
   GEMM, and dequantising W first writes and reads a full 16-bit copy of it on every call.
@@ -42,8 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastft._dispatch import interpreting_triton
-from fastft.ops.lora_linear import dropout_params
+from fastft.kernels._common import dropout_params, interpreting_triton
 
 INTERPRET = interpreting_triton()
 BASE_GEMM = os.environ.get("FASTFT_LORA_BASE_GEMM", "cublas").strip().lower()
@@ -56,7 +55,7 @@ if BASE_GEMM not in ("cublas", "triton"):
 
 @triton.jit
 def _mix32(h):
-    """lowbias32 integer hash on uint32 (the same bits as fastft.ops.lora_linear.mix32)."""
+    """lowbias32 integer hash on uint32 (the same bits as fastft.kernels._common.mix32)."""
     h = h ^ (h >> 16)
     h = h * tl.full((), 0x7FEB352D, tl.uint32)
     h = h ^ (h >> 15)

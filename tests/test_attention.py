@@ -1,19 +1,27 @@
 """fastft.ops.attention against attention_ref: every backend, outputs and all gradients.
 
-Tolerance rule (DESIGN.md): the fast path's error against the fp32 reference is at most
-2x the error of the same-dtype plain-torch computation (``attention_ref(upcast=False)``)
-against that reference, plus a small atol. Inputs are fresh random normals with odd sizes.
-Triton cases run under the interpreter on the CPU (marker ``interpret``): tiny grids.
+Tolerance rule (DESIGN.md, tests/_tolerance.py): the fast path's error against the fp32
+reference is at most 2x the error of the same-dtype plain-torch computation
+(``attention_ref(upcast=False)``) against that reference, plus a small atol. Inputs are
+fresh random normals with odd sizes. Triton cases run under the interpreter on the CPU
+(marker ``interpret``): tiny grids. The CUDA kernels (csrc/attention/, wrapped by
+fastft/ops/attention_cuda.py) are also tested directly, log-sum-exp included (marker
+``gpu``); their refusal reasons run on the CPU against a stand-in GPU.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _cuda_stand_in import cuda_tensor, stand_in_gpu
+from _tolerance import assert_tolerance_rule
 
+from fastft import _extension
+from fastft.ops import attention_cuda
 from fastft.ops.attention import (
     attention,
     attention_dropout_mask,
@@ -60,18 +68,6 @@ def forward_backward(fn, tensors, grad_out):
     return [out, *grads]
 
 
-def assert_tolerance(fast, ref32, plain, dtype, names=("out", "dq", "dk", "dv")):
-    """|fast - ref32| <= 2 |plain - ref32| + atol, element-wise maxima, for each tensor."""
-    for name, f, r, p in zip(names, fast, ref32, plain):
-        assert f.shape == r.shape, f"{name}: shape {tuple(f.shape)} != {tuple(r.shape)}"
-        assert f.dtype == p.dtype, f"{name}: dtype {f.dtype} != {p.dtype}"
-        assert torch.isfinite(f).all(), f"{name} has non-finite values"
-        err_fast = (f.float() - r.float()).abs().max().item()
-        err_plain = (p.float() - r.float()).abs().max().item()
-        bound = 2 * err_plain + ATOL[dtype]
-        assert err_fast <= bound, f"{name}: error {err_fast:.3g} > 2 x {err_plain:.3g} + {ATOL[dtype]:g}"
-
-
 def check_against_reference(backend, qkv, dtype, *, dropout_seed=None, dropout_p=0.0, **kwargs):
     """Run ``attention`` with ``backend`` and compare output and dq, dk, dv with the fp32 and
     same-dtype references. With dropout, the references get the mask replayed explicitly."""
@@ -95,7 +91,8 @@ def check_against_reference(backend, qkv, dtype, *, dropout_seed=None, dropout_p
     qkv32 = [t.detach().float().requires_grad_() for t in qkv]
     ref32 = forward_backward(lambda q, k, v: attention_ref(q, k, v, **ref_kwargs), qkv32, grad_out.float())
     plain = forward_backward(lambda q, k, v: attention_ref(q, k, v, upcast=False, **ref_kwargs), qkv, grad_out)
-    assert_tolerance(fast, ref32, plain, dtype)
+    for name, f, r, p in zip(("out", "dq", "dk", "dv"), fast, ref32, plain):
+        assert_tolerance_rule(name, f, r, p, atol=ATOL[dtype])
     return fast
 
 
@@ -502,3 +499,187 @@ def test_gpu_auto_prefers_fast_backend():
     reasons = backend_reasons(*qkv)
     chosen = next(name for name in ("cuda", "triton", "torch") if not reasons[name]())
     assert chosen in ("cuda", "triton")
+
+
+# --------------------------------------------------------------------------- CUDA kernels, directly
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_SEQLENS = [(1, 1), (7, 7), (113, 113), (1023, 1023), (113, 203), (203, 113), (1, 300), (300, 7)]
+CUDA_HEADS = [(2, 2), (6, 2), (4, 1)]  # MHA, GQA, MQA
+
+
+def _require_extension():
+    if _extension.load_error() is not None:
+        pytest.skip(f"fastft._cuda unavailable: {_extension.load_error()}")
+
+
+def _cuda_inputs(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, with_mask):
+    """q, k, v (no grad) and, with ``with_mask``, a padding mask with ~30% of keys padded
+    and the first sequence right-padded to half its length, as in a real batch."""
+    q, k, v = (t.detach() for t in make_qkv(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, "cuda"))
+    mask = None
+    if with_mask:
+        mask = torch.rand(batch, seqlen_k, device="cuda") > 0.3
+        mask[0, -((seqlen_k + 1) // 2):] = False
+    return q, k, v, mask
+
+
+def _poison_allocator(*shapes, device):
+    """Leave NaN-filled blocks in torch's caching allocator, so that an output element the
+    kernel forgets to write shows up as NaN rather than as a stale plausible value."""
+    for shape in shapes:
+        torch.full(shape, math.nan, dtype=torch.float32, device=device)
+
+
+def check_cuda_kernels(q, k, v, causal, mask, scale):
+    """Runs attention_cuda.attention_forward / attention_backward and attention_ref (fp32 and
+    input dtype) on the same inputs; the rule holds for out, lse, dq, dk and dv."""
+    grad_out = torch.randn_like(q)
+    _poison_allocator(q.shape, q.shape, k.shape, k.shape, device=q.device)
+    out, lse = attention_cuda.attention_forward(q, k, v, causal, mask, scale)
+    dq, dk, dv = attention_cuda.attention_backward(grad_out, q, k, v, out, lse, causal, mask, scale)
+    torch.cuda.synchronize()
+
+    results = {}
+    for upcast in (True, False):
+        leaves = [t.detach().to(torch.float32 if upcast else t.dtype).requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = attention_ref(*leaves, causal=causal, key_padding_mask=mask, softmax_scale=scale,
+                                         upcast=upcast, return_lse=True)
+        ref_out.backward(grad_out.to(ref_out.dtype))
+        results[upcast] = (ref_out.detach(), ref_lse, *(t.grad for t in leaves))
+    oracle, baseline = results[True], results[False]
+
+    assert out.dtype == q.dtype and dq.dtype == q.dtype and dk.dtype == k.dtype
+    assert lse.dtype == torch.float32
+    # atol relative to each tensor's scale: an exactly-zero oracle (dq with one key) must not
+    # demand exact zeros from fp32 sums taken in another order.
+    for name, fast, ref, base in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), oracle, baseline):
+        assert_tolerance_rule(name, fast, ref, base, atol=1e-3, relative_atol=True)
+    return out, lse, dq, dk, dv
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads_q,heads_kv", CUDA_HEADS)
+@pytest.mark.parametrize("seqlen_q,seqlen_k", CUDA_SEQLENS)
+@pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["fp16", "bf16"])
+def test_cuda_kernels_match_reference(dtype, head_dim, causal, with_mask, seqlen_q, seqlen_k, heads_q, heads_kv):
+    _require_extension()
+    q, k, v, mask = _cuda_inputs(2, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, with_mask)
+    check_cuda_kernels(q, k, v, causal, mask, 1.0 / math.sqrt(head_dim))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=["fp16", "bf16"])
+def test_cuda_softmax_scale_is_applied(dtype):
+    _require_extension()
+    q, k, v, mask = _cuda_inputs(1, 2, 2, 77, 131, 64, dtype, with_mask=True)
+    check_cuda_kernels(q, k, v, False, mask, 0.37)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_cuda_fully_masked_rows_are_zero(causal):
+    """A batch element with every key padded: out 0, lse -inf, no gradient anywhere in it."""
+    _require_extension()
+    q, k, v, mask = _cuda_inputs(3, 4, 2, 70, 90, 64, torch.float16, with_mask=True)
+    mask[1] = False
+    out, lse, dq, dk, dv = check_cuda_kernels(q, k, v, causal, mask, 0.125)
+    assert (out[1] == 0).all() and (lse[1] == -math.inf).all()
+    assert (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    # Padded keys of the other elements get no gradient either.
+    assert (dk[0][:, ~mask[0]] == 0).all() and (dv[0][:, ~mask[0]] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_strided_views_match_contiguous(head_dim):
+    """(B, S, H, D).transpose(1, 2) views, as Hugging Face projections produce, are read in
+    place and give bit-identical forward results to contiguous copies."""
+    _require_extension()
+    batch, seqlen, heads = 2, 150, 4
+    qkv = torch.randn(batch, seqlen, 3, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, D), not contiguous
+    assert not q.is_contiguous()
+    out_view, lse_view = attention_cuda.attention_forward(q, k, v, True, None, 0.1)
+    out_copy, lse_copy = attention_cuda.attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), True,
+                                                          None, 0.1)
+    assert torch.equal(out_view, out_copy) and torch.equal(lse_view, lse_copy)
+    check_cuda_kernels(q, k, v, True, None, 0.1)
+
+
+@pytest.mark.gpu
+def test_cuda_forward_is_deterministic():
+    """The forward pass has no atomics: two runs agree bit for bit (a race would not)."""
+    _require_extension()
+    q, k, v, mask = _cuda_inputs(2, 8, 2, 517, 517, 128, torch.float16, with_mask=True)
+    first = attention_cuda.attention_forward(q, k, v, True, mask, 0.088)
+    second = attention_cuda.attention_forward(q, k, v, True, mask, 0.088)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.gpu
+def test_cuda_empty_key_sequence():
+    _require_extension()
+    q, k, v, _ = _cuda_inputs(2, 2, 2, 5, 0, 64, torch.float16, with_mask=False)
+    out, lse = attention_cuda.attention_forward(q, k, v, False, None, 0.125)
+    assert (out == 0).all() and (lse == -math.inf).all()
+    dq, dk, dv = attention_cuda.attention_backward(torch.randn_like(q), q, k, v, out, lse, False, None, 0.125)
+    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_bad_inputs():
+    _require_extension()
+    q, k, v, _ = _cuda_inputs(2, 3, 2, 9, 9, 64, torch.float16, with_mask=False)
+    with pytest.raises(ValueError, match="multiple"):
+        attention_cuda.attention_forward(q, k, v, False, None, 0.125)  # 3 query heads over 2 kv heads
+    q, k, v, _ = _cuda_inputs(2, 2, 2, 9, 9, 64, torch.float16, with_mask=False)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attention_cuda.attention_forward(q, k, v, False, torch.ones(2, 8, dtype=torch.bool, device="cuda"), 0.125)
+    with pytest.raises(TypeError):
+        attention_cuda.attention_forward(q.float(), k.float(), v.float(), False, None, 0.125)
+
+
+@pytest.mark.gpu
+def test_cuda_reasons_empty_for_supported_inputs():
+    _require_extension()
+    q, k, v, mask = _cuda_inputs(1, 4, 2, 9, 9, 128, torch.bfloat16, with_mask=True)
+    assert attention_cuda.reasons(q, k, v, mask, None, 0.0) == []
+
+
+def test_cuda_reasons_name_what_the_kernels_cannot_do():
+    """Runs on the CPU: the reasons are plain Python."""
+    q = torch.randn(1, 2, 5, 64)
+    text = " | ".join(attention_cuda.reasons(q, q, q, None, torch.tensor([0, 5]), 0.1))
+    assert "CUDA device" in text and "float16/bfloat16" in text
+    assert "cu_seqlens" in text and "dropout" in text
+    odd = torch.randn(1, 2, 5, 96, dtype=torch.float16)
+    assert any("head_dim 96" in r for r in attention_cuda.reasons(odd, odd, odd))
+
+
+@pytest.mark.parametrize("capability,archs,runs", [
+    ((9, 0), ("80", "90a"), True),
+    ((8, 6), ("80", "90a"), True),
+    ((10, 0), ("80", "90a"), False),  # no kernel image in the build
+    ((7, 5), ("75",), False),  # an image, but the kernels need sm_80 instructions
+])
+def test_cuda_reasons_on_a_stand_in_gpu(monkeypatch, capability, archs, runs):
+    """The device half of the CUDA backend's reasons (what `auto` asks first on a GPU) runs
+    here against a stand-in GPU and extension."""
+    stand_in_gpu(monkeypatch, capability=capability, archs=archs)
+    q = cuda_tensor(1, 4, 9, 64, dtype=torch.bfloat16)
+    k = cuda_tensor(1, 2, 9, 64, dtype=torch.bfloat16)
+    mask = cuda_tensor(1, 9, dtype=torch.bool)
+    found = backend_reasons(q, k, k, key_padding_mask=mask)["cuda"]()
+    assert (found == []) == runs, found
+    if capability == (7, 5):
+        assert found == ["compute capability 7.5 < 8.0"]
+
+
+def test_cuda_reasons_name_a_missing_binding(monkeypatch):
+    stand_in_gpu(monkeypatch, bindings=("lora_fused_linear",))
+    q = cuda_tensor(1, 2, 9, 64)
+    assert any("built without attention_forward" in r for r in attention_cuda.reasons(q, q, q))

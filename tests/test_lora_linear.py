@@ -1,8 +1,9 @@
 """fastft.ops.lora_linear against lora_linear_ref: outputs and every gradient, torch backend
 on the CPU, Triton under the interpreter, CUDA / Triton on a GPU (marker gpu).
 
-Tolerance rule (DESIGN.md): error of the op vs the fp32 reference <= 2 x error of the same
-computation in plain torch at the input dtype vs that reference, + a small atol.
+Tolerance rule (DESIGN.md, tests/_tolerance.py): error of the op vs the fp32 reference
+<= 2 x error of the same computation in plain torch at the input dtype vs that reference,
++ a small atol.
 """
 
 from __future__ import annotations
@@ -11,8 +12,13 @@ import importlib
 
 import pytest
 import torch
+from _cuda_stand_in import cuda_tensor, stand_in_gpu
+from _tolerance import assert_tolerance_rule
 
+from fastft import _extension
+from fastft.kernels._common import dropout_params, mix32
 from fastft.ops.lora_linear import (
+    backend_reasons,
     dequantize_weight_int8,
     dropout_keep_mask,
     lora_linear,
@@ -91,11 +97,7 @@ def assert_matches_reference(inputs, scaling=SCALING, dropout_p=0.0, seed=0, bac
     names = ["y"] + [n for n, t in inputs.items() if t is not None and n != "weight_scale" and t.requires_grad]
     assert got[0].dtype == dtype and got[0].shape == exact[0].shape
     for name, g, s, e in zip(names, got, same_dtype, exact):
-        assert g.shape == e.shape and g.dtype == s.dtype, name
-        err = (g.float() - e).abs().max().item()
-        base = (s.float() - e).abs().max().item()
-        atol = ATOL[dtype] * atol_scale * max(1.0, e.abs().max().item())
-        assert err <= 2 * base + atol, f"{name}: error {err:.3g} vs same-dtype torch {base:.3g} (atol {atol:.3g})"
+        assert_tolerance_rule(name, g, e, s, atol=ATOL[dtype] * atol_scale, relative_atol=True)
     return got
 
 
@@ -186,8 +188,8 @@ def test_dropout_mask_keep_rate_and_independence(dropout_p):
 
 def _python_keep(seed, dropout_p, token, feature):
     """The documented mask definition, in plain Python integers."""
-    key, threshold = lora_module.dropout_params(dropout_p, seed)
-    return (lora_module.mix32(lora_module.mix32(key ^ token) ^ feature) >> 8) >= threshold
+    key, threshold = dropout_params(dropout_p, seed)
+    return (mix32(mix32(key ^ token) ^ feature) >> 8) >= threshold
 
 
 def _check_mask_against_python(device):
@@ -385,10 +387,8 @@ def _gpu_backends():
                                              ((1, 64, 64, 1), 0.5), ((1030, 512, 384, 64), 0.05)])
 def test_gpu_backends_match_reference(backend, dtype, int8, shape, dropout_p):
     if backend == "cuda":
-        from fastft.ops import _cuda
-
-        if _cuda.load_error() is not None:
-            pytest.skip(f"CUDA extension unavailable: {_cuda.load_error()}")
+        if _extension.load_error() is not None:
+            pytest.skip(f"CUDA extension unavailable: {_extension.load_error()}")
         if dtype == torch.float32:
             pytest.skip("the CUDA kernels are fp16/bf16 only (fp32 goes to triton under auto)")
     inputs = make_inputs(*shape, dtype, device="cuda", int8=int8, bias_grad=not int8)
@@ -402,3 +402,19 @@ def test_gpu_auto_and_compile():
     eager = lora_linear(*args, 2.0, dropout_p=0.1, seed=4)
     compiled = torch.compile(lambda *a: lora_linear(*a, 2.0, dropout_p=0.1, seed=4), fullgraph=True)(*args)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("capability,dtype,runs", [
+    ((9, 0), torch.bfloat16, True),
+    ((10, 0), torch.bfloat16, False),  # no kernel image in the build (archs 80;90a)
+    ((9, 0), torch.float32, False),  # the kernel is 16-bit only
+])
+def test_cuda_reasons_on_a_stand_in_gpu(monkeypatch, capability, dtype, runs):
+    """The CUDA backend's reasons (what `auto` asks first on a GPU) run here against a
+    stand-in GPU and extension."""
+    stand_in_gpu(monkeypatch, capability=capability)
+    x, weight, lora_a = (cuda_tensor(*shape, dtype=dtype) for shape in ((8, 64), (32, 64), (4, 64)))
+    found = backend_reasons(x, weight, lora_a)["cuda"]()
+    assert (found == []) == runs, found
+    stand_in_gpu(monkeypatch, bindings=("attention_forward",))
+    assert any("built without lora_fused_linear" in r for r in backend_reasons(x, weight, lora_a)["cuda"]())

@@ -1,5 +1,6 @@
-"""Public functional ops. Each file holds one op: its reference (``<op>_ref``), its
-public entry (``<op>(..., backend="auto")``) and its backend dispatch."""
+"""Public functional ops. ``<op>.py`` holds one op: its reference (``<op>_ref``), its
+public entry (``<op>(..., backend="auto")``), its torch backend and its backend dispatch;
+``<op>_cuda.py`` its CUDA wrapper. No op's module imports another op's."""
 
 from fastft.ops.attention import attention, attention_ref
 from fastft.ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref

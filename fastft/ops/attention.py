@@ -61,7 +61,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastft._dispatch import choose_backend, cuda_reasons, triton_reasons
+from fastft._dispatch import choose_backend
+from fastft.kernels._common import interpreting_triton, triton_reasons
+from fastft.ops import attention_cuda
 
 __all__ = ["attention", "attention_ref", "attention_dropout_mask", "torch_dropout_mask", "varlen_dropout_mask",
            "draw_dropout_seed",
@@ -88,14 +90,19 @@ def attention_ref(
     dropout_mask: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     upcast: bool = True,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Plain PyTorch attention, every score materialised: the oracle for tests.
 
     Same arguments and layouts as :func:`attention`. ``dropout_mask`` is an explicit bool
     keep-mask ``(batch, heads_q, seq_q, seq_k)`` (``(heads_q, total, total)`` for varlen);
     kept probabilities are scaled by ``1 / (1 - dropout_p)``. With ``upcast=True`` the math
     runs in fp32; ``upcast=False`` runs in the input dtype, which is what an unfused model
-    does and what the tolerance rule compares against. Returns ``q``'s dtype.
+    does and what the tolerance rule compares against. Returns ``out`` in ``q``'s dtype;
+    with ``return_lse``, ``(out, lse)`` where ``lse`` is what the fused backends keep for
+    backward: the fp32 natural-log log-sum-exp of each query row's scaled, masked scores
+    (``(batch, heads_q, seq_q)``, ``(heads_q, total)`` for varlen; ``-inf`` for a row with
+    no key), taken in fp32 over the scores as computed (in the input dtype without upcast).
     """
     dtype = q.dtype
     if upcast:
@@ -117,10 +124,13 @@ def attention_ref(
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])  # GQA: (B, Hq, Sk, D)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, Hq, Sq, Sk)
     if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = scores.float().logsumexp(dim=-1) if return_lse else None  # (B, Hq, Sq), -inf without a key
+    if allowed is not None:
         # A row with no key would be softmax(all -inf) = NaN: give it uniform scores and
         # zero its probabilities afterwards, so it outputs 0 and passes back 0.
         has_key = allowed.any(-1, keepdim=True)  # (B, 1, Sq, 1)
-        scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(~has_key, 0.0)
+        scores = scores.masked_fill(~has_key, 0.0)
     probs = torch.softmax(scores, dim=-1)
     if allowed is not None:
         probs = probs * has_key
@@ -129,7 +139,8 @@ def attention_ref(
     out = probs @ v  # (B, Hq, Sq, D)
     if cu_seqlens is not None:
         out = out[0].transpose(0, 1)  # (total, heads, dim)
-    return out.to(dtype)
+        lse = None if lse is None else lse[0]  # (heads, total)
+    return (out.to(dtype), lse) if return_lse else out.to(dtype)
 
 
 def _document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -382,22 +393,34 @@ def _triton_backward(*args):
 
 
 def _cuda_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed):
-    from fastft.ops import _cuda
-
-    # cu_seqlens / dropout were refused by attention_reasons before we get here; the
+    # cu_seqlens / dropout were refused by attention_cuda.reasons before we get here; the
     # wrapper copies only layouts its kernels cannot read in place.
-    return _cuda.attention_forward(q, k, v, causal, key_padding_mask, scale)
+    return attention_cuda.attention_forward(q, k, v, causal, key_padding_mask, scale)
 
 
 def _cuda_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, causal, scale,
                    dropout_p, seed):
-    from fastft.ops import _cuda
-
-    return _cuda.attention_backward(grad_out, q, k, v, out, lse, causal, key_padding_mask, scale)
+    return attention_cuda.attention_backward(grad_out, q, k, v, out, lse, causal, key_padding_mask, scale)
 
 
 FORWARD = {"torch": _torch_forward, "triton": _triton_forward, "cuda": _cuda_forward}
 BACKWARD = {"torch": _torch_backward, "triton": _triton_backward, "cuda": _cuda_backward}
+
+
+def _triton_reasons(q, k, v, key_padding_mask, cu_seqlens) -> list[str]:
+    """Why the Triton kernels (kernels/attention.py) cannot run these inputs."""
+    found = triton_reasons([t for t in (q, k, v, key_padding_mask, cu_seqlens) if t is not None])
+    if q.dtype not in FLOATS:
+        found.append(f"dtype {q.dtype} is not fp16/bf16/fp32")
+    elif q.dtype == torch.float32 and not interpreting_triton():
+        found.append("fp32 runs on the torch backend on GPUs (the Triton kernels are for fp16/bf16)")
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        found.append(f"head_dim={q.shape[-1]} > {TRITON_MAX_HEAD_DIM}")
+    return found
+
+
+def _torch_reasons(q) -> list[str]:
+    return [] if q.dtype in FLOATS else [f"dtype {q.dtype} is not fp16/bf16/fp32"]
 
 
 def backend_reasons(
@@ -409,36 +432,11 @@ def backend_reasons(
     dropout_p: float = 0.0,
 ) -> dict:
     """For each backend, a function returning why it cannot run these inputs."""
-    tensors = [t for t in (q, k, v, key_padding_mask, cu_seqlens) if t is not None]
-    head_dim = q.shape[-1]
-
-    def triton():
-        from fastft._dispatch import interpreting_triton
-
-        reasons = triton_reasons(tensors)
-        if q.dtype not in FLOATS:
-            reasons.append(f"dtype {q.dtype} is not fp16/bf16/fp32")
-        elif q.dtype == torch.float32 and not interpreting_triton():
-            reasons.append("fp32 runs on the torch backend on GPUs (the Triton kernels are for fp16/bf16)")
-        if head_dim > TRITON_MAX_HEAD_DIM:
-            reasons.append(f"head_dim={head_dim} > {TRITON_MAX_HEAD_DIM}")
-        return reasons
-
-    def cuda():
-        reasons = cuda_reasons(tensors)
-        if reasons:
-            return reasons
-        from fastft.ops import _cuda
-
-        if not hasattr(_cuda, "attention_reasons"):
-            return ["the CUDA extension has no attention kernels"]
-        more = _cuda.attention_reasons(q, k, v, key_padding_mask, cu_seqlens, dropout_p)
-        return reasons + [r for r in more if r not in reasons]
-
-    def torch_():
-        return [] if q.dtype in FLOATS else [f"dtype {q.dtype} is not fp16/bf16/fp32"]
-
-    return {"torch": torch_, "triton": triton, "cuda": cuda}
+    return {
+        "torch": lambda: _torch_reasons(q),
+        "triton": lambda: _triton_reasons(q, k, v, key_padding_mask, cu_seqlens),
+        "cuda": lambda: attention_cuda.reasons(q, k, v, key_padding_mask, cu_seqlens, dropout_p),
+    }
 
 
 # --------------------------------------------------------------------------- the op

@@ -32,13 +32,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastft._dispatch import choose_backend, cuda_reasons, triton_reasons
+from fastft._dispatch import choose_backend
+from fastft.kernels._common import triton_reasons
+from fastft.ops import linear_cross_entropy_cuda
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_ref", "backend_reasons"]
 
 REDUCTIONS = ("mean", "sum", "none")
 # Measured fastest first (benchmarks/NOTES.md); CPU inputs fall through to torch.
 PRIORITY = ("cuda", "triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The torch backend processes at most this many logits (fp32) at once: 4M * 4 B = 16 MiB,
 # bounded by a constant, never by tokens x vocab. Still hundreds of rows per GEMM at BERT's
 # vocabulary (137 rows x 30522), enough to keep a CPU's matmul efficient.
@@ -139,27 +142,22 @@ def _rows_triton(*args):
     return linear_cross_entropy_rows(*args)
 
 
-def _rows_cuda(*args):
-    from fastft.ops._cuda import linear_cross_entropy_rows
-
-    return linear_cross_entropy_rows(*args)
-
-
-ROWS = {"torch": _rows_torch, "triton": _rows_triton, "cuda": _rows_cuda}
+ROWS = {"torch": _rows_torch, "triton": _rows_triton, "cuda": linear_cross_entropy_cuda.linear_cross_entropy_rows}
 
 
 def backend_reasons(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
     """For each backend, a function returning why it cannot run these inputs."""
-    tensors = (hidden, weight)
-    floats = (torch.float32, torch.float16, torch.bfloat16)
 
-    def dtype_reasons():
-        return [] if hidden.dtype in floats else [f"dtype {hidden.dtype} is not fp32/fp16/bf16"]
+    def triton():
+        found = triton_reasons((hidden, weight))
+        if hidden.dtype not in FLOAT_DTYPES:
+            found.append(f"dtype {hidden.dtype} is not fp32/fp16/bf16")
+        return found
 
     return {
         "torch": lambda: [],
-        "triton": lambda: triton_reasons(tensors) + dtype_reasons(),
-        "cuda": lambda: cuda_reasons(tensors) + dtype_reasons(),
+        "triton": triton,
+        "cuda": lambda: linear_cross_entropy_cuda.reasons(hidden, weight),
     }
 
 

@@ -48,7 +48,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastft._dispatch import choose_backend, cuda_reasons, triton_reasons
+from fastft._dispatch import choose_backend
+from fastft.kernels._common import dropout_params, triton_reasons
+from fastft.ops import lora_linear_cuda
 
 __all__ = [
     "lora_linear",
@@ -77,17 +79,6 @@ _MASK32 = 0xFFFFFFFF
 # --------------------------------------------------------------------------- dropout mask
 
 
-def mix32(value: int) -> int:
-    """lowbias32 integer hash of a Python int in [0, 2³²) (see the module docstring)."""
-    value &= _MASK32
-    value ^= value >> 16
-    value = (value * 0x7FEB352D) & _MASK32
-    value ^= value >> 15
-    value = (value * 0x846CA68B) & _MASK32
-    value ^= value >> 16
-    return value
-
-
 def _as_int32(value: int) -> int:
     """The int32 with the same 32 bits as the uint32 ``value``."""
     value &= _MASK32
@@ -96,7 +87,7 @@ def _as_int32(value: int) -> int:
 
 def _mix32_tensor_(values: torch.Tensor) -> torch.Tensor:
     """lowbias32, in place, on an int32 tensor of uint32 bit patterns (the same bits as
-    ``mix32``).
+    ``fastft.kernels._common.mix32``, which every backend's seed key comes from).
 
     torch has no uint32 shifts, so this works on int32: multiplication wraps modulo 2³²
     (two's complement) and each right shift is masked to make it logical. In place with one
@@ -109,11 +100,6 @@ def _mix32_tensor_(values: torch.Tensor) -> torch.Tensor:
         if multiplier is not None:
             values *= _as_int32(multiplier)
     return values
-
-
-def dropout_params(dropout_p: float, seed: int) -> tuple[int, int]:
-    """(seed key, keep threshold on 24 bits) shared by every backend's mask."""
-    return mix32(seed % (1 << 32)), math.ceil(dropout_p * (1 << 24))
 
 
 def dropout_keep_mask(seed: int, dropout_p: float, num_rows: int, num_cols: int, *,
@@ -285,38 +271,28 @@ def _backend_impl(name: str):
         from fastft.kernels import lora_linear as triton_backend
 
         return triton_backend
-    from fastft.ops import _cuda
+    return lora_linear_cuda.LoRALinearBackend
 
-    return _cuda.LoRALinearBackend
+
+def _fused_reasons(x: torch.Tensor, lora_a: Optional[torch.Tensor]) -> list[str]:
+    """What neither fused backend (triton, cuda) takes: a non-float dtype, a rank beyond fusion."""
+    found = []
+    if x.dtype not in FLOAT_DTYPES:
+        found.append(f"dtype {x.dtype} is not fp32/fp16/bf16")
+    rank = 0 if lora_a is None else lora_a.shape[0]
+    if rank > MAX_FUSED_RANK:
+        found.append(f"rank {rank} > {MAX_FUSED_RANK} (larger ranks gain nothing from fusion)")
+    return found
 
 
 def backend_reasons(x: torch.Tensor, weight: torch.Tensor, lora_a: Optional[torch.Tensor] = None,
                     weight_scale: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> dict:
     """For each backend, a function returning why it cannot run these inputs."""
     tensors = [t for t in (x, weight, lora_a, weight_scale) if t is not None]
-    rank = 0 if lora_a is None else lora_a.shape[0]
-
-    def common():
-        reasons = []
-        if x.dtype not in FLOAT_DTYPES:
-            reasons.append(f"dtype {x.dtype} is not fp32/fp16/bf16")
-        if rank > MAX_FUSED_RANK:
-            reasons.append(f"rank {rank} > {MAX_FUSED_RANK} (larger ranks gain nothing from fusion)")
-        return reasons
-
-    def cuda():
-        from fastft.ops import _cuda
-
-        reasons = cuda_reasons(tensors) + common()
-        reasons += _cuda.lora_linear_reasons(x.device)
-        if x.dtype == torch.float32:
-            reasons.append("the CUDA kernels use 16-bit tensor cores (fp16/bf16 only)")
-        return reasons
-
     return {
         "torch": lambda: [],
-        "triton": lambda: triton_reasons(tensors) + common(),
-        "cuda": cuda,
+        "triton": lambda: triton_reasons(tensors) + _fused_reasons(x, lora_a),
+        "cuda": lambda: lora_linear_cuda.reasons(x, weight, lora_a, weight_scale) + _fused_reasons(x, lora_a),
     }
 
 

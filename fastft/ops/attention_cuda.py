@@ -1,0 +1,223 @@
+"""CUDA backend of ``fastft.ops.attention``: the wrapper of the FlashAttention-2 kernels.
+
+The kernels live in csrc/attention/ (bound in csrc/attention/bindings.h). Every tensor
+check happens here, before a pointer crosses into C++; ``reasons`` says which inputs the
+kernels cannot take, so that dispatch never gets that far with them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fastft import _extension
+from fastft._extension import DTYPE_CODES, check_cuda_tensor, pointer, stream_handle
+
+HEAD_DIMS = (32, 64, 128)  # template instances in csrc/attention/*.cu
+_DTYPES = (torch.float16, torch.bfloat16)
+_GRID_LIMIT = 65535  # heads and batch are grid dimensions y and z
+
+
+def reasons(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> list[str]:
+    """Why the CUDA attention kernels cannot run these inputs (empty list when they can).
+
+    The extension itself (built, bound, on a CUDA device the build fits), then what the
+    kernels support: fp16/bf16, a head_dim in ``HEAD_DIMS``, no varlen, no dropout, a bool
+    mask, compute capability >= 8.0. Shape errors are the op's to raise.
+    """
+    tensors = [q, k, v] + ([key_padding_mask] if key_padding_mask is not None else [])
+    found = _extension.reasons(tensors, "attention_forward", "attention_backward")
+    if q.dtype not in _DTYPES:
+        found.append(f"dtype {q.dtype} is not float16/bfloat16 (the kernels use 16-bit tensor cores)")
+    elif k.dtype != q.dtype or v.dtype != q.dtype:
+        found.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        found.append("q, k, v must be 4-D (batch, heads, seq, head_dim)")
+    head_dim = q.shape[-1] if q.dim() else 0
+    if head_dim not in HEAD_DIMS:
+        found.append(f"head_dim {head_dim} is not one of {HEAD_DIMS}")
+    elif k.shape[-1] != head_dim or v.shape[-1] != head_dim:
+        found.append(f"k / v head_dim ({k.shape[-1]}, {v.shape[-1]}) differ from q's ({head_dim})")
+    if cu_seqlens is not None:
+        found.append("variable-length batches (cu_seqlens) are not supported by the CUDA kernels")
+    if dropout_p > 0.0:
+        found.append(f"attention dropout (dropout_p={dropout_p}) is not supported by the CUDA kernels")
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        found.append(f"key_padding_mask must be bool, got {key_padding_mask.dtype}")
+    if all(t.is_cuda for t in tensors):
+        capability = tuple(torch.cuda.get_device_capability(q.device))
+        if capability < (8, 0):  # mma.sync m16n8k16 with bf16, ldmatrix, cp.async
+            found.append(f"compute capability {capability[0]}.{capability[1]} < 8.0")
+    return found
+
+
+def _attention_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when the kernels can read it in place, else a contiguous copy.
+
+    The kernels take (batch, head, seq) strides and need a unit head_dim stride, 16-byte
+    aligned rows (cp.async / vector stores) and a 16-byte aligned base. So the common
+    ``(B, S, H, D).transpose(1, 2)`` view of a Hugging Face projection is used without a copy.
+    """
+    aligned = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        s % 8 == 0 for s in t.stride()[:-1])
+    if aligned:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)  # fresh allocation: aligned
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)  # (batch, head, seq), in elements
+
+
+def _check_attention_tensors(q, k, v, key_padding_mask) -> tuple[int, int, int, int, int, int]:
+    """Validates q / k / v / mask for the kernels; returns (B, Hq, Hkv, Sq, Sk, D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_cuda_tensor(name, t, dtype=_DTYPES, contiguous=False, device=q.device)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, heads, seq, head_dim), got {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, heads_q, seqlen_q, head_dim = q.shape
+    heads_kv, seqlen_k = k.shape[1], k.shape[2]
+    if k.shape != (batch, heads_kv, seqlen_k, head_dim) or v.shape != k.shape:
+        raise ValueError(f"k and v must have shape (batch={batch}, heads_kv, seq_k, head_dim={head_dim}), "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim} is not supported by the CUDA kernels {HEAD_DIMS}")
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"q heads ({heads_q}) must be a multiple of k/v heads ({heads_kv})")
+    if batch > _GRID_LIMIT or heads_q > _GRID_LIMIT:
+        raise ValueError(f"batch ({batch}) and heads ({heads_q}) must be at most {_GRID_LIMIT}")
+    if max(seqlen_q, seqlen_k) >= 2**31:
+        raise ValueError("sequence lengths must be below 2**31")
+    if key_padding_mask is not None:
+        check_cuda_tensor("key_padding_mask", key_padding_mask, dtype=torch.bool, contiguous=False,
+                          device=q.device)
+        if key_padding_mask.shape != (batch, seqlen_k):
+            raise ValueError(f"key_padding_mask must have shape (batch={batch}, seq_k={seqlen_k}), "
+                             f"got {tuple(key_padding_mask.shape)}")
+    return batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim
+
+
+def _attention_mask_bytes(key_padding_mask: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], int]:
+    """(B, Sk) bool -> the same bytes as uint8 with a unit key stride, and its batch stride."""
+    if key_padding_mask is None:
+        return None, 0
+    mask = key_padding_mask.contiguous().view(torch.uint8)  # torch.bool is one byte, 1 = attend
+    return mask, mask.stride(0)
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    key_padding_mask: Optional[torch.Tensor],
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-2 forward on the current CUDA stream.
+
+    Args:
+        q: ``(B, Hq, Sq, D)`` fp16 / bf16, D in ``HEAD_DIMS``.
+        k, v: ``(B, Hkv, Sk, D)``, same dtype; ``Hq % Hkv == 0`` (query head h reads k/v
+            head ``h // (Hq // Hkv)``: grouped-query / multi-query attention).
+        causal: query i attends keys ``j <= i`` (top-left aligned, like SDPA's is_causal).
+        key_padding_mask: ``(B, Sk)`` bool, True = attend, or None.
+        softmax_scale: multiplies ``q @ k^T`` before the softmax.
+
+    Returns:
+        ``out`` ``(B, Hq, Sq, D)`` (contiguous, dtype of q) and ``lse`` ``(B, Hq, Sq)`` fp32,
+        the natural-log log-sum-exp of the scaled, masked scores. Rows with no allowed key
+        get ``out = 0`` and ``lse = -inf``.
+
+    Raises:
+        ValueError / TypeError: inputs the kernels cannot take (device, dtype, shapes).
+        RuntimeError: a failed launch (from the extension).
+    """
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = _check_attention_tensors(q, k, v, key_padding_mask)
+    out = torch.empty((batch, heads_q, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    if seqlen_k == 0:  # no key at all: every row is fully masked
+        return out.zero_(), lse.fill_(-math.inf)
+    q, k, v = (_attention_layout(t) for t in (q, k, v))
+    mask, mask_stride = _attention_mask_bytes(key_padding_mask)
+    with torch.cuda.device(q.device):  # launch on q's device, on its current stream
+        _extension.module().attention_forward(
+            q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), lse=lse.data_ptr(),
+            key_padding_mask=pointer(mask), mask_batch_stride=mask_stride,
+            batch=batch, heads_q=heads_q, heads_kv=heads_kv, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+            head_dim=head_dim, q_strides=_strides3(q), k_strides=_strides3(k), v_strides=_strides3(v),
+            out_strides=_strides3(out), causal=bool(causal), softmax_scale=float(softmax_scale),
+            dtype=DTYPE_CODES[q.dtype], stream=stream_handle(q.device),
+        )
+    return out, lse
+
+
+def attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    key_padding_mask: Optional[torch.Tensor],
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashAttention-2 backward on the current CUDA stream.
+
+    Args:
+        grad_out: ``(B, Hq, Sq, D)`` gradient of ``out``, dtype of q.
+        q, k, v, causal, key_padding_mask, softmax_scale: as given to ``attention_forward``.
+        out, lse: what ``attention_forward`` returned for them.
+
+    Returns:
+        ``(dq, dk, dv)``: dq ``(B, Hq, Sq, D)``; dk, dv ``(B, Hkv, Sk, D)`` summed over the
+        query heads of each group; all contiguous, dtype of q. Rows that attended no key
+        contribute nothing.
+
+    Raises:
+        ValueError / TypeError: inputs the kernels cannot take (device, dtype, shapes).
+        RuntimeError: a failed launch (from the extension).
+    """
+    batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = _check_attention_tensors(q, k, v, key_padding_mask)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        check_cuda_tensor(name, t, dtype=q.dtype, contiguous=False, device=q.device)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    check_cuda_tensor("lse", lse, dtype=torch.float32, device=q.device)
+    if lse.shape != (batch, heads_q, seqlen_q):
+        raise ValueError(f"lse must have shape {(batch, heads_q, seqlen_q)}, got {tuple(lse.shape)}")
+    grad_q = torch.empty((batch, heads_q, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
+    grad_k = torch.empty((batch, heads_kv, seqlen_k, head_dim), dtype=q.dtype, device=q.device)
+    grad_v = torch.empty_like(grad_k)
+    if grad_q.numel() == 0 or grad_k.numel() == 0:  # no query or no key: nothing flows
+        return grad_q.zero_(), grad_k.zero_(), grad_v.zero_()
+    grad_out, q, k, v, out = (_attention_layout(t) for t in (grad_out, q, k, v, out))
+    mask, mask_stride = _attention_mask_bytes(key_padding_mask)
+    delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)  # rowsum(dO * O)
+    grad_q_accum = torch.zeros((batch, heads_q, seqlen_q, head_dim), dtype=torch.float32, device=q.device)
+    with torch.cuda.device(q.device):
+        _extension.module().attention_backward(
+            grad_out=grad_out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+            lse=lse.data_ptr(), delta=delta.data_ptr(), grad_q_accum=grad_q_accum.data_ptr(),
+            grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(), grad_v=grad_v.data_ptr(),
+            key_padding_mask=pointer(mask), mask_batch_stride=mask_stride,
+            batch=batch, heads_q=heads_q, heads_kv=heads_kv, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+            head_dim=head_dim, grad_out_strides=_strides3(grad_out), q_strides=_strides3(q),
+            k_strides=_strides3(k), v_strides=_strides3(v), out_strides=_strides3(out),
+            grad_k_strides=_strides3(grad_k), grad_v_strides=_strides3(grad_v), causal=bool(causal),
+            softmax_scale=float(softmax_scale), dtype=DTYPE_CODES[q.dtype], stream=stream_handle(q.device),
+        )
+    return grad_q, grad_k, grad_v
