@@ -1,5 +1,5 @@
 // Shared helpers for fastft's CUDA kernels: dtype codes (same numbers as
-// fastft/ops/_cuda.py DTYPE_CODES), error checking, fp32 conversions.
+// fastft/_extension.py DTYPE_CODES), error checking, fp32 conversions.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -4,7 +4,7 @@
 // Layout: q (B, Hq, Sq, D), k / v (B, Hkv, Sk, D) with the last dimension contiguous and
 // any batch / head / sequence strides (in elements). Grouped-query attention maps query
 // head h to key/value head h / (Hq / Hkv). All pointers are device pointers; every check
-// on them happens in fastft/ops/_cuda.py before they get here.
+// on them happens in fastft/ops/attention_cuda.py before they get here.
 #pragma once
 
 #include <cuda_runtime.h>

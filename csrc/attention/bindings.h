@@ -1,5 +1,5 @@
 // pybind11 face of the attention kernels: raw device pointers (integers), sizes, strides
-// (in elements) and the caller's CUDA stream handle. fastft/ops/_cuda.py checks every
+// (in elements) and the caller's CUDA stream handle. fastft/ops/attention_cuda.py checks every
 // tensor before calling these; see csrc/attention/attention.h for the layouts.
 #pragma once
 

@@ -1,6 +1,6 @@
 // pybind11 face of the linear cross-entropy kernels, included once by csrc/bindings.cpp.
 // Header-only on purpose: the glue is a few lines, and keeping pybind11 out of the .cu
-// files keeps nvcc's device compilation fast. Tensor checks live in fastft/ops/_cuda.py;
+// files keeps nvcc's device compilation fast. Tensor checks live in fastft/ops/linear_cross_entropy_cuda.py;
 // the launcher re-checks what would be unsafe (null pointers, bad dtype codes).
 #pragma once
 

@@ -1,6 +1,6 @@
 // Host-side launchers of the linear cross-entropy kernels. Plain C++ (no pybind11, no
 // CUDA headers needed by callers): pointers arrive as integers from Python, where
-// fastft/ops/_cuda.py has already checked device, dtype, contiguity and shapes.
+// fastft/ops/linear_cross_entropy_cuda.py has already checked device, dtype, contiguity and shapes.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Device code of linear_cross_entropy_softmax_grad (launcher: softmax_grad.cu): per-row
+// Device code of linear_cross_entropy_softmax_grad (launcher: linear_cross_entropy.cu): per-row
 // log-sum-exp, loss and d loss / d logits over a chunk of fp32 logits that cuBLAS
 // (through torch) has just written. One thread block per row, two passes over the row:
 //

@@ -1,6 +1,6 @@
 // pybind11 face of the fused LoRA linear kernel, included once by csrc/bindings.cpp.
 // Header-only glue (keeps pybind11 out of nvcc's device compilation); tensor checks live
-// in fastft/ops/_cuda.py, the launcher re-checks what would be unsafe.
+// in fastft/ops/lora_linear_cuda.py, the launcher re-checks what would be unsafe.
 #pragma once
 
 #include <pybind11/pybind11.h>

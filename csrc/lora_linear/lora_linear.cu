@@ -2,7 +2,7 @@
 //
 //   out[z] = [out +] X @ W' [+ bias] + scale * mask∘(L @ R')      (contract in lora_linear.h)
 //
-// It serves four uses (fastft/ops/_cuda.py picks the arguments):
+// It serves four uses (fastft/ops/lora_linear_cuda.py picks the arguments):
 //   forward, int8 W     X = x,   W' = Wᵀ int8 (scales along N), L = xa, R' = Bᵀ, + bias
 //   backward dx, int8 W X = dy,  W' = W  int8 (scales along K), L = dy B, R' = A, mask_lora
 //   dropout xa          X = x (mask_x), W' = Aᵀ, no rank-r term

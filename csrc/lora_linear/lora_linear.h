@@ -1,5 +1,5 @@
 // Launcher of the fused LoRA linear kernel (csrc/lora_linear/lora_linear.cu); bound to
-// Python in bindings.h and wrapped with all tensor checks in fastft/ops/_cuda.py.
+// Python in bindings.h and wrapped with all tensor checks in fastft/ops/lora_linear_cuda.py.
 #pragma once
 
 #include <cstdint>
