@@ -28,8 +28,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (suite_main, environment, is_out_of_memory, matmul_peak_tflops, median_ms,
-                               out_dir_from_env, peak_extra_bytes, write_results)
+from benchmarks.common import OpSuite, Workload, available_backends, run_op_suite, suite_main
 from fastft.ops.attention import attention, attention_ref, backend_reasons
 
 COLUMNS = ["model", "batch", "heads_q", "heads_kv", "seq", "head_dim", "causal", "dtype", "pass", "impl", "ms",
@@ -59,23 +58,24 @@ def configs(device: torch.device, quick: bool):
     return [("bert-base", 4, 512), ("llama", 1, 512), ("llama-gqa", 1, 1024), ("bert-base", 1, 2048)]
 
 
-def implementations(device: torch.device, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+def implementations(device: torch.device, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> dict:
     group = q.shape[1] // k.shape[1]
 
-    def sdpa(q, k, v, causal):
+    def sdpa():
         if group > 1:  # SDPA's enable_gqa (torch >= 2.5) where available, else repeated heads
             try:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
             except TypeError:
-                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+                return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                                      is_causal=causal)
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-    impls = {"sdpa": sdpa, "fastft": lambda q, k, v, causal: attention(q, k, v, causal=causal)}
-    for backend, why in backend_reasons(q, k, v).items():
-        if device.type == "cuda" and not why():
-            impls[f"fastft[{backend}]"] = lambda q, k, v, causal, b=backend: attention(q, k, v, causal=causal, backend=b)
+    impls = {"sdpa": sdpa, "fastft": lambda: attention(q, k, v, causal=causal)}
+    if device.type == "cuda":
+        for backend in available_backends(backend_reasons(q, k, v), ("cuda", "triton", "torch")):
+            impls[f"fastft[{backend}]"] = lambda b=backend: attention(q, k, v, causal=causal, backend=b)
     if device.type == "cpu":
-        impls["naive"] = lambda q, k, v, causal: attention_ref(q, k, v, causal=causal, upcast=False)
+        impls["naive"] = lambda: attention_ref(q, k, v, causal=causal, upcast=False)
     return impls
 
 
@@ -84,50 +84,26 @@ def useful_flops(batch, heads_q, seq, head_dim, causal, pass_) -> float:
     return forward * (3.5 if pass_ == "fwd+bwd" else 1.0)
 
 
-def measure(model, batch, seq, device, dtype, matmul_peak) -> list[dict]:
+def workload(config, device, dtype) -> Workload:
+    model, batch, seq = config
     heads_q, heads_kv, head_dim, causal = MODELS[model]
     torch.manual_seed(0)
     q = torch.randn(batch, heads_q, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(batch, heads_kv, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(batch, heads_kv, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn_like(q)
-    grad_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
-    rows, sdpa_ms = [], {}
-    for impl, fn in implementations(device, q, k, v).items():
-        for pass_ in ("fwd", "fwd+bwd"):
-            def step():
-                q.grad = k.grad = v.grad = None
-                if pass_ == "fwd":
-                    with torch.no_grad():
-                        return fn(q, k, v, causal)
-                fn(q, k, v, causal).backward(grad_out)
-
-            row = dict(model=model, batch=batch, heads_q=heads_q, heads_kv=heads_kv, seq=seq, head_dim=head_dim,
-                       causal=causal, dtype=str(dtype).split(".")[-1], impl=impl, **{"pass": pass_})
-            try:
-                ms = median_ms(step, device)
-                peak = peak_extra_bytes(step, device) - (grad_bytes if pass_ == "fwd+bwd" else 0)
-                tflops = useful_flops(batch, heads_q, seq, head_dim, causal, pass_) / (ms * 1e-3) / 1e12
-                row.update(ms=ms, tflops=tflops, peak_extra_MiB=max(peak, 0) / 2**20, status="ok")
-                if matmul_peak:
-                    row["frac_matmul_peak"] = tflops / matmul_peak
-                if impl == "sdpa":
-                    sdpa_ms[pass_] = ms
-            except Exception as err:  # noqa: BLE001 - one failing implementation must not stop the sweep
-                if not is_out_of_memory(err) and impl in ("fastft", "fastft[cuda]", "fastft[triton]"):
-                    raise
-                row["status"] = "OOM" if is_out_of_memory(err) else f"error: {type(err).__name__}: {err}"[:120]
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    for row in rows:
-        if row.get("ms") and sdpa_ms.get(row["pass"]):
-            row["speedup_vs_sdpa"] = sdpa_ms[row["pass"]] / row["ms"]
-    return rows
+    return Workload(
+        case=dict(model=model, batch=batch, heads_q=heads_q, heads_kv=heads_kv, seq=seq, head_dim=head_dim,
+                  causal=causal),
+        implementations=implementations(device, q, k, v, causal),
+        leaves=(q, k, v),
+        backward=lambda out: out.backward(grad_out),
+        flops={pass_: useful_flops(batch, heads_q, seq, head_dim, causal, pass_) for pass_ in ("fwd", "fwd+bwd")},
+        gradient_bytes=sum(t.numel() * t.element_size() for t in (q, k, v)),
+    )
 
 
-def summary(rows: list[dict]) -> list[str]:
+def summary(rows: list[dict], device: torch.device) -> list[str]:
     """fastft (auto) vs SDPA at the largest sequence of each model, forward+backward."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -163,23 +139,13 @@ def plot(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
+SUITE = OpSuite(name="attention", columns=COLUMNS, configs=configs, workload=workload,
+                speedups={"speedup_vs_sdpa": ("sdpa",)}, summary=summary, summary_title="fastft (auto) vs SDPA:",
+                plot=plot)
+
+
 def run(quick: bool = False, out_dir=None) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    env = environment(device)
-    matmul_peak = matmul_peak_tflops(device, dtype) if device.type == "cuda" else None
-    env["matmul_peak_tflops"] = matmul_peak
-    print(f"attention on {env['device']} ({dtype})"
-          + (f"; measured matmul peak {matmul_peak:.1f} TFLOP/s" if matmul_peak else ""), flush=True)
-    rows = []
-    for model, batch, seq in configs(device, quick):
-        rows += measure(model, batch, seq, device, dtype, matmul_peak)
-    lines = summary(rows)
-    notes = "fastft (auto) vs SDPA:\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""
-    path = write_results("attention", rows, env, COLUMNS, out_dir or out_dir_from_env(), plot, notes)
-    print("\n".join(lines))
-    print(f"results: {path}")
-    return rows
+    return run_op_suite(SUITE, quick, out_dir)
 
 
 def main(argv=None) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import subprocess
@@ -46,7 +45,7 @@ import time
 
 import torch
 
-from benchmarks.common import bar_chart, environment, is_out_of_memory, out_dir_from_env, write_results
+from benchmarks.common import bar_chart, environment, failure_recorded, report
 
 COLUMNS = ["device", "task", "impl", "examples", "epochs", "batch_size", "s_per_epoch", "time_vs_fastft",
            "accuracy", "seq_len", "tokens_per_s", "peak_memory_MiB", "speedup_vs_hf_peft", "status"]
@@ -275,7 +274,8 @@ def lora_llama_rows(quick: bool) -> list[dict]:
     results = {}
     for impl in ("hf+peft (sdpa)", "fastft"):
         torch.manual_seed(0)
-        try:
+        row = {"device": torch.cuda.get_device_name(), "impl": impl}
+        with failure_recorded(row, device, ours=impl == "fastft"):
             if impl == "fastft":
                 import fastft
                 import fastft.peft
@@ -292,17 +292,13 @@ def lora_llama_rows(quick: bool) -> list[dict]:
             model.config.use_cache = False
             seconds, peak = _lora_steps(model, batch, steps)
             results[impl] = seconds
-            rows.append({"device": torch.cuda.get_device_name(), "task": f"LoRA r{rank} Llama-1.1B-shape ({config.num_hidden_layers} layers)",
-                         "impl": impl, "batch_size": batch_size, "seq_len": seq_len,
-                         "tokens_per_s": round(batch_size * seq_len / seconds, 1),
-                         "peak_memory_MiB": round(peak / 2**20, 1), "status": "ok"})
-        except Exception as error:  # noqa: BLE001 -- a failed implementation is a row, not a crash
-            if not is_out_of_memory(error) and impl == "fastft":
-                raise
-            rows.append({"device": "cuda", "impl": impl, "status": f"{type(error).__name__}: {error}"[:200]})
-        finally:
-            model = None
-            torch.cuda.empty_cache()
+            row.update({"task": f"LoRA r{rank} Llama-1.1B-shape ({config.num_hidden_layers} layers)",
+                        "batch_size": batch_size, "seq_len": seq_len,
+                        "tokens_per_s": round(batch_size * seq_len / seconds, 1),
+                        "peak_memory_MiB": round(peak / 2**20, 1), "status": "ok"})
+        rows.append(row)
+        model = None
+        torch.cuda.empty_cache()
     if "fastft" in results and "hf+peft (sdpa)" in results:
         for row in rows:
             if row.get("impl") == "fastft":
@@ -356,10 +352,7 @@ def run(quick: bool = False, out_dir=None) -> list[dict]:
     if device.type == "cuda":
         rows += lora_llama_rows(quick)
     targets = check_targets(rows)
-    notes = "Targets:\n\n" + "\n".join(f"- {line}" for line in targets) if targets else ""
-    path = write_results("finetune", rows, env, COLUMNS, out_dir or out_dir_from_env(), plot, notes)
-    print("\n".join(targets))
-    print(f"results: {path}")
+    report("finetune", rows, env, COLUMNS, out_dir, plot, title="Targets:", lines=targets)
     return rows
 
 

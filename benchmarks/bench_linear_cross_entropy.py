@@ -23,8 +23,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (bar_chart, environment, is_out_of_memory, matmul_peak_tflops, median_ms, suite_main,
-                               out_dir_from_env, peak_extra_bytes, write_results)
+from benchmarks.common import OpSuite, Workload, available_backends, bar_chart, run_op_suite, suite_main
 from fastft.ops import linear_cross_entropy, linear_cross_entropy_ref
 from fastft.ops.linear_cross_entropy import backend_reasons
 
@@ -47,37 +46,38 @@ def configs(device: torch.device, quick: bool):
     return targets + [(4096, 768, 30522, "clm"), (8192, 768, 50304, "mlm"), (4096, 768, 50304, "clm")]
 
 
-def implementations(device: torch.device, hidden: torch.Tensor, weight: torch.Tensor) -> dict:
+def implementations(device: torch.device, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> dict:
     def naive(h, w, y):
         return linear_cross_entropy_ref(h, w, y, upcast=False)
 
-    impls = {"fastft": lambda h, w, y: linear_cross_entropy(h, w, y)}
+    impls = {"fastft": lambda: linear_cross_entropy(hidden, weight, labels)}
     if device.type == "cuda":
-        for backend, why in backend_reasons(hidden, weight).items():
-            if backend != "torch" and not why():
-                impls[f"fastft[{backend}]"] = lambda h, w, y, b=backend: linear_cross_entropy(h, w, y, backend=b)
-    impls["naive"] = naive
-    impls["torch.compile(naive)"] = torch.compile(naive, dynamic=False)
+        for backend in available_backends(backend_reasons(hidden, weight), ("cuda", "triton")):
+            impls[f"fastft[{backend}]"] = lambda b=backend: linear_cross_entropy(hidden, weight, labels, backend=b)
+    impls["naive"] = lambda: naive(hidden, weight, labels)
+    compiled = torch.compile(naive, dynamic=False)
+    impls["torch.compile(naive)"] = lambda: compiled(hidden, weight, labels)
     if hasattr(F, "linear_cross_entropy"):
-        impls["F.linear_cross_entropy"] = lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=-100)
+        impls["F.linear_cross_entropy"] = lambda: F.linear_cross_entropy(hidden, weight, labels, ignore_index=-100)
     if device.type == "cuda":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
             liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
-            impls["liger"] = lambda h, w, y: liger(w, h, y)
+            impls["liger"] = lambda: liger(weight, hidden, labels)
         except ImportError:
             pass
         try:
             from cut_cross_entropy import linear_cross_entropy as cce
 
-            impls["cce"] = lambda h, w, y: cce(h, w, y, ignore_index=-100)
+            impls["cce"] = lambda: cce(hidden, weight, labels, ignore_index=-100)
         except ImportError:
             pass
     return impls
 
 
-def measure(tokens, hidden_size, vocab, mode, device, dtype, matmul_peak) -> list[dict]:
+def workload(config, device, dtype) -> Workload:
+    tokens, hidden_size, vocab, mode = config
     torch.manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, device=device, dtype=dtype, requires_grad=True)
     weight = (torch.randn(vocab, hidden_size, device=device) / hidden_size**0.5).to(dtype).requires_grad_()
@@ -85,40 +85,14 @@ def measure(tokens, hidden_size, vocab, mode, device, dtype, matmul_peak) -> lis
     if mode == "mlm":
         labels[torch.rand(tokens, device=device) >= MLM_RATE] = -100
     labelled = int((labels != -100).sum())
-    grad_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
-    rows, naive_ms = [], {}
-    for impl, fn in implementations(device, hidden, weight).items():
-        for pass_ in ("fwd", "fwd+bwd"):
-            def step():
-                hidden.grad = weight.grad = None
-                if pass_ == "fwd":
-                    with torch.no_grad():
-                        return fn(hidden, weight, labels)
-                fn(hidden, weight, labels).backward()
-
-            row = dict(tokens=tokens, hidden=hidden_size, vocab=vocab, mode=mode, dtype=str(dtype).split(".")[-1],
-                       impl=impl, **{"pass": pass_})
-            try:
-                ms = median_ms(step, device)
-                peak = peak_extra_bytes(step, device) - (grad_bytes if pass_ == "fwd+bwd" else 0)
-                flops = 2 * labelled * vocab * hidden_size * (3 if pass_ == "fwd+bwd" else 1)
-                row.update(ms=ms, peak_extra_MiB=max(peak, 0) / 2**20, tflops=flops / (ms * 1e-3) / 1e12, status="ok")
-                if matmul_peak:
-                    row["frac_matmul_peak"] = row["tflops"] / matmul_peak
-                if impl == "naive":
-                    naive_ms[pass_] = ms
-            except Exception as err:  # noqa: BLE001 - one failing implementation must not stop the sweep
-                if not is_out_of_memory(err) and impl.startswith("fastft"):
-                    raise
-                row["status"] = "OOM" if is_out_of_memory(err) else f"error: {type(err).__name__}: {err}"[:120]
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    for row in rows:
-        if row.get("ms") and naive_ms.get(row["pass"]):
-            row["speedup_vs_naive"] = naive_ms[row["pass"]] / row["ms"]
-    return rows
+    forward_flops = 2 * labelled * vocab * hidden_size
+    return Workload(
+        case=dict(tokens=tokens, hidden=hidden_size, vocab=vocab, mode=mode),
+        implementations=implementations(device, hidden, weight, labels),
+        leaves=(hidden, weight),
+        flops={"fwd": forward_flops, "fwd+bwd": 3 * forward_flops},
+        gradient_bytes=hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size(),
+    )
 
 
 def check_targets(rows: list[dict], device: torch.device) -> list[str]:
@@ -166,23 +140,12 @@ def plot(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
+SUITE = OpSuite(name="linear_cross_entropy", columns=COLUMNS, configs=configs, workload=workload,
+                speedups={"speedup_vs_naive": ("naive",)}, summary=check_targets, summary_title="Targets:", plot=plot)
+
+
 def run(quick: bool = False, out_dir=None) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    env = environment(device)
-    matmul_peak = matmul_peak_tflops(device, dtype)
-    env["matmul_peak_tflops"] = matmul_peak
-    print(f"linear_cross_entropy on {env['device']} ({dtype}); measured matmul peak {matmul_peak * 1e3:.1f} GFLOP/s",
-          flush=True)
-    rows = []
-    for tokens, hidden_size, vocab, mode in configs(device, quick):
-        rows += measure(tokens, hidden_size, vocab, mode, device, dtype, matmul_peak if device.type == "cuda" else None)
-    targets = check_targets(rows, device)
-    notes = "Targets:\n\n" + "\n".join(f"- {line}" for line in targets) if targets else ""
-    path = write_results("linear_cross_entropy", rows, env, COLUMNS, out_dir or out_dir_from_env(), plot, notes)
-    print("\n".join(targets))
-    print(f"results: {path}")
-    return rows
+    return run_op_suite(SUITE, quick, out_dir)
 
 
 def main(argv=None) -> None:

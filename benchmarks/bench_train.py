@@ -25,8 +25,8 @@ import contextlib
 
 import torch
 
-from benchmarks.common import (bar_chart, environment, is_out_of_memory, median_ms, out_dir_from_env, peak_extra_bytes,
-                               suite_main, write_results)
+from benchmarks.common import (bar_chart, environment, failure_recorded, median_ms, peak_extra_bytes, print_row, report,
+                               suite_main)
 
 COLUMNS = ["workload", "impl", "batch", "seq", "ms_per_step", "tokens_per_s", "speedup", "peak_extra_MiB", "status"]
 
@@ -88,7 +88,7 @@ def build(workload: str, impl: str, device: torch.device):
 
 def measure(workload: str, impl: str, device: torch.device) -> dict:
     row = dict(workload=workload, impl=impl)
-    try:
+    with failure_recorded(row, device, ours=impl == "fastft"):
         model, batch, batch_size, seq = build(workload, impl, device)
         row.update(batch=batch_size, seq=seq)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -106,14 +106,9 @@ def measure(workload: str, impl: str, device: torch.device) -> dict:
         ms = median_ms(step, device, warmup=1, repeat=3)
         row.update(ms_per_step=ms, tokens_per_s=batch_size * seq / (ms * 1e-3),
                    peak_extra_MiB=peak_extra_bytes(step, device) / 2**20, status="ok")
-    except Exception as err:  # noqa: BLE001 - report and keep the other rows
-        if not is_out_of_memory(err) and impl == "fastft":
-            raise
-        row["status"] = "OOM" if is_out_of_memory(err) else f"error: {type(err).__name__}: {err}"[:120]
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print_row(row)
     return row
 
 
@@ -144,8 +139,7 @@ def run(quick: bool = False, out_dir=None) -> list[dict]:
         rows += [base, ours]
     notes = ("Each row is one full optimizer step (forward, backward, AdamW) on random weights; "
              "speedup is the baseline's step time over fastft's, measured in this same run.")
-    path = write_results("train", rows, env, COLUMNS, out_dir or out_dir_from_env(), plot, notes)
-    print(f"results: {path}")
+    report("train", rows, env, COLUMNS, out_dir, plot, notes=notes)
     return rows
 
 

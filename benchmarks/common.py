@@ -1,13 +1,18 @@
-"""Shared benchmark plumbing: timing, peak memory, device peak, and result files.
+"""The benchmark harness every suite shares: sweeping, timing, memory, speed-ups, result files.
 
-Every suite (benchmarks/bench_<op>.py) measures its implementation and the references
-side by side in one process with these helpers and writes through ``write_results``:
-CSV + JSON (rows and the environment: device, versions, date) + a markdown table + PNG.
+An op suite (benchmarks/bench_<op>.py) defines only its shapes, its implementations and
+what to measure, as an :class:`OpSuite`; :func:`run_op_suite` sweeps the shapes, times
+each implementation's forward and forward+backward pass side by side in one process,
+measures peak memory and TFLOP/s, adds the speed-up columns against the references and
+writes through :func:`report`: CSV + JSON (rows and the environment: device, versions,
+date) + a markdown table + PNG. The end-to-end suites (bench_train, bench_finetune)
+measure whole training steps with the same timing, memory, row and report helpers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import datetime
@@ -19,6 +24,8 @@ import re
 import statistics
 import subprocess
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -170,6 +177,156 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+@contextlib.contextmanager
+def failure_recorded(row: dict, device: torch.device, *, ours: bool):
+    """Run one measurement of ``row``: out of memory, or any error of a reference
+    implementation (``ours=False``), becomes the row's status instead of ending the sweep;
+    any other error of fastft's own implementation propagates."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - one failing implementation must not stop the sweep
+        if ours and not is_out_of_memory(err):
+            raise
+        row["status"] = "OOM" if is_out_of_memory(err) else f"error: {type(err).__name__}: {err}"[:120]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def print_row(row: dict) -> None:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+
+def available_backends(reasons: dict[str, Callable[[], list[str]]], backends: Iterable[str]) -> list[str]:
+    """Those of ``backends`` whose reasons function (an op's ``backend_reasons``) says it can run."""
+    return [backend for backend in backends if not reasons[backend]()]
+
+
+# --------------------------------------------------------------------------- op suites
+
+PASSES = ("fwd", "fwd+bwd")
+
+
+@dataclass
+class Workload:
+    """One configuration of an op suite, ready to time.
+
+    case: the configuration's columns, copied into each of its rows.
+    implementations: name -> forward pass on the workload's inputs (no arguments); fastft's
+        own are named ``fastft`` or ``fastft[...]`` (their errors end the sweep).
+    leaves: the inputs whose ``.grad`` each timed step clears.
+    backward: finishes a forward+backward step from the forward's output.
+    flops: useful FLOPs of each pass, for the TFLOP/s columns (empty: no such columns).
+    gradient_bytes: subtracted from the forward+backward peak (the gradients themselves).
+    measured_within: implementation -> context its measurements run in (a kernel switch).
+    extra: ``(implementation, pass, forward) -> columns`` measured besides time and memory.
+    """
+
+    case: dict
+    implementations: dict[str, Callable[[], torch.Tensor]]
+    leaves: Sequence[torch.Tensor]
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    flops: dict[str, float] = field(default_factory=dict)
+    gradient_bytes: int = 0
+    measured_within: dict[str, Callable[[], contextlib.AbstractContextManager]] = field(default_factory=dict)
+    extra: Callable[[str, str, Callable[[], torch.Tensor]], dict] | None = None
+
+
+@dataclass
+class OpSuite:
+    """What an op benchmark defines; :func:`run_op_suite` does the rest.
+
+    name: the op, and the stem of the results files.
+    columns: the results table's columns, in order.
+    configs: ``(device, quick) -> configurations`` to sweep.
+    workload: ``(configuration, device, dtype) -> Workload``.
+    speedups / overheads: column -> reference implementations (the first one measured in
+        the same case and pass counts): ``reference ms / ms`` and ``ms / reference ms``.
+    summary: ``(rows, device) -> lines`` headlining the results, under ``summary_title``.
+    plot: ``(rows, png path)``.
+    """
+
+    name: str
+    columns: list[str]
+    configs: Callable[[torch.device, bool], Iterable]
+    workload: Callable[[object, torch.device, torch.dtype], Workload]
+    speedups: dict[str, tuple[str, ...]]
+    overheads: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    summary: Callable[[list[dict], torch.device], list[str]] | None = None
+    summary_title: str = ""
+    plot: Callable[[list[dict], Path], None] | None = None
+
+
+def _clear_grads(leaves: Sequence[torch.Tensor]) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def measure_workload(workload: Workload, device: torch.device, dtype: torch.dtype,
+                     matmul_peak: float | None) -> list[dict]:
+    """One row per (implementation, pass): median ms, peak extra memory, TFLOP/s (as a
+    fraction of ``matmul_peak`` when given), the workload's extra columns, and a status."""
+    rows = []
+    for impl, forward in workload.implementations.items():
+        for pass_ in PASSES:
+            def step():
+                _clear_grads(workload.leaves)
+                if pass_ == "fwd":
+                    with torch.no_grad():
+                        return forward()
+                workload.backward(forward())
+
+            row = {**workload.case, "dtype": str(dtype).split(".")[-1], "pass": pass_, "impl": impl}
+            with failure_recorded(row, device, ours=impl.startswith("fastft")):
+                with workload.measured_within.get(impl, contextlib.nullcontext)():
+                    ms = median_ms(step, device)
+                    peak = peak_extra_bytes(step, device) - (workload.gradient_bytes if pass_ == "fwd+bwd" else 0)
+                    row.update(ms=ms, peak_extra_MiB=max(peak, 0) / 2**20, status="ok")
+                    if workload.extra is not None:
+                        row.update(workload.extra(impl, pass_, forward))
+                if workload.flops:
+                    row["tflops"] = workload.flops[pass_] / (ms * 1e-3) / 1e12
+                    if matmul_peak:
+                        row["frac_matmul_peak"] = row["tflops"] / matmul_peak
+            rows.append(row)
+            print_row(row)
+    return rows
+
+
+def add_ratios(rows: list[dict], speedups: dict[str, tuple[str, ...]], overheads: dict[str, tuple[str, ...]]) -> None:
+    """Fill ``reference ms / ms`` (speed-up) and ``ms / reference ms`` (overhead) columns,
+    each pass against the same pass of the first reference implementation measured."""
+    for ratios, speedup in ((speedups, True), (overheads, False)):
+        for column, references in ratios.items():
+            reference_ms = {}
+            for row in rows:
+                if row["impl"] in references and row.get("ms") and row["pass"] not in reference_ms:
+                    reference_ms[row["pass"]] = row["ms"]
+            for row in rows:
+                if row.get("ms") and reference_ms.get(row["pass"]):
+                    ratio = reference_ms[row["pass"]] / row["ms"]
+                    row[column] = ratio if speedup else 1.0 / ratio
+
+
+def run_op_suite(suite: OpSuite, quick: bool = False, out_dir=None) -> list[dict]:
+    """Sweep ``suite`` on this machine's device (bf16 on a GPU, fp32 on a CPU) and report it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    env = environment(device)
+    matmul_peak = matmul_peak_tflops(device, dtype)
+    env["matmul_peak_tflops"] = matmul_peak
+    peak_text = f"{matmul_peak:.1f} TFLOP/s" if device.type == "cuda" else f"{matmul_peak * 1e3:.1f} GFLOP/s"
+    print(f"{suite.name} on {env['device']} ({dtype}); measured matmul peak {peak_text}", flush=True)
+    rows = []
+    for config in suite.configs(device, quick):
+        case_rows = measure_workload(suite.workload(config, device, dtype), device, dtype,
+                                     matmul_peak if device.type == "cuda" else None)
+        add_ratios(case_rows, suite.speedups, suite.overheads)
+        rows += case_rows
+    lines = suite.summary(rows, device) if suite.summary is not None else []
+    report(suite.name, rows, env, suite.columns, out_dir, suite.plot, title=suite.summary_title, lines=lines)
+    return rows
+
+
 # --------------------------------------------------------------------------- results
 
 
@@ -230,6 +387,21 @@ def out_dir_from_env() -> Path | None:
     """``FASTFT_BENCH_OUT`` redirects results (e.g. to $OUT on a lent GPU machine)."""
     value = os.environ.get("FASTFT_BENCH_OUT")
     return Path(value) if value else None
+
+
+def report(name: str, rows: list[dict], env: dict, columns: list[str], out_dir=None,
+           plot: Callable[[list[dict], Path], None] | None = None, *, title: str = "", lines: Sequence[str] = (),
+           notes: str = "") -> Path:
+    """Write the results files (into ``out_dir``, else ``FASTFT_BENCH_OUT``, else
+    benchmarks/results/<device>/) and print the headline ``lines`` and where the files are.
+    The markdown gets ``notes``, then ``lines`` as a list under ``title``."""
+    if lines:
+        notes = "\n\n".join(part for part in (notes, title, "\n".join(f"- {line}" for line in lines)) if part)
+    path = write_results(name, rows, env, columns, out_dir or out_dir_from_env(), plot, notes)
+    if lines:
+        print("\n".join(lines))
+    print(f"results: {path}")
+    return path
 
 
 def suite_main(run: Callable[[bool, object], list], description: str, argv=None) -> None:

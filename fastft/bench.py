@@ -15,10 +15,12 @@ from pathlib import Path
 SUITES = {
     "loss": "benchmarks.bench_linear_cross_entropy",
     "attention": "benchmarks.bench_attention",
-    "lora": "benchmarks.bench_lora",
+    "lora_linear": "benchmarks.bench_lora_linear",
     "train": "benchmarks.bench_train",
     "finetune": "benchmarks.bench_finetune",
 }
+# other names a suite answers to: each op's own name, and the names of earlier releases
+ALIASES = {"linear_cross_entropy": "loss", "lora": "lora_linear"}
 
 
 def _find_benchmarks() -> Path:
@@ -30,12 +32,12 @@ def _find_benchmarks() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastft bench", description=__doc__)
-    parser.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    parser.add_argument("--suite", choices=[*SUITES, *ALIASES, "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="target configurations only (a lent GPU: < 8 min)")
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results/<device>/)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(_find_benchmarks()))
-    names = list(SUITES) if args.suite == "all" else [args.suite]
+    names = list(SUITES) if args.suite == "all" else [ALIASES.get(args.suite, args.suite)]
     failed = []
     for name in names:
         try:

@@ -20,7 +20,7 @@ x, fastft only (tokens, r)), and on a GPU the useful TFLOP/s as a fraction of th
 bf16 matmul peak. Useful FLOPs: forward 2·N·K·O + 2·N·r·(K+O); forward+backward adds
 2·N·K·O (dx through the frozen W) and 4·N·r·(K+O) (the rank-r gradients).
 
-    python -m benchmarks.bench_lora [--quick] [--out DIR]
+    python -m benchmarks.bench_lora_linear [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import contextlib
 
 import torch
 
-from benchmarks.common import (bar_chart, environment, is_out_of_memory, matmul_peak_tflops, median_ms, suite_main,
-                               out_dir_from_env, peak_extra_bytes, write_results)
+from benchmarks.common import OpSuite, Workload, available_backends, bar_chart, run_op_suite, suite_main
 from fastft.ops.lora_linear import backend_reasons, lora_linear, quantize_weight_int8
 
 COLUMNS = ["tokens", "in", "out", "rank", "dropout", "weight", "dtype", "pass", "impl", "ms", "speedup_vs_peft",
@@ -68,12 +67,9 @@ FUSED_GEMM_IMPL = "fastft[triton+fused-gemm]"
 
 
 @contextlib.contextmanager
-def _triton_base_gemm(impl: str, device: torch.device):
-    """For the FUSED_GEMM_IMPL row, the Triton backend's 16-bit base GEMM is its own fused
-    kernel instead of cuBLAS, for the forward and the backward pass alike."""
-    if device.type != "cuda" or impl != FUSED_GEMM_IMPL:
-        yield
-        return
+def _fused_triton_base_gemm():
+    """The Triton backend's 16-bit base GEMM as its own fused kernel instead of cuBLAS, for
+    the forward and the backward pass alike (the FUSED_GEMM_IMPL row)."""
     from fastft.kernels import lora_linear as triton_kernels
 
     previous, triton_kernels.BASE_GEMM = triton_kernels.BASE_GEMM, "triton"
@@ -84,7 +80,7 @@ def _triton_base_gemm(impl: str, device: torch.device):
 
 
 def implementations(device, x, base, lora_a, lora_b, dropout_p, quantized):
-    """name -> fn(x) returning the layer output, all with the same parameters.
+    """name -> forward pass of ``x``, all with the same parameters.
 
     ``quantized``: None, or (int8 weight, scales) of ``base.weight`` for the int8 rows."""
     from peft import LoraConfig
@@ -98,39 +94,38 @@ def implementations(device, x, base, lora_a, lora_b, dropout_p, quantized):
     peft_layer.lora_B["default"].weight = lora_b
     peft_layer.to(device=device, dtype=x.dtype).train()
     weight, bias = base.weight, base.bias
-    impls = {"linear (floor)": lambda t: base(t)}
+    impls = {"linear (floor)": lambda: base(x)}
     if quantized is not None:
         q, scale = quantized
 
-        def dequant_peft(t):  # what an unfused int8 weight-only layer does each call
-            base.weight.data = (q.to(t.dtype) * scale.to(t.dtype)[:, None])
-            return peft_layer(t)
+        def dequant_peft():  # what an unfused int8 weight-only layer does each call
+            base.weight.data = (q.to(x.dtype) * scale.to(x.dtype)[:, None])
+            return peft_layer(x)
 
         impls["dequant+peft"] = dequant_peft
-        impls["fastft"] = lambda t: lora_linear(t, q, bias, lora_a, lora_b, scaling, dropout_p=dropout_p,
-                                                weight_scale=scale)
+        impls["fastft"] = lambda: lora_linear(x, q, bias, lora_a, lora_b, scaling, dropout_p=dropout_p,
+                                              weight_scale=scale)
         if device.type == "cuda":
-            for backend, why in backend_reasons(x, q, lora_a, scale, dropout_p).items():
-                if backend != "torch" and not why():
-                    impls[f"fastft[{backend}]"] = lambda t, b=backend: lora_linear(
-                        t, q, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, weight_scale=scale, backend=b)
+            for backend in available_backends(backend_reasons(x, q, lora_a, scale, dropout_p), ("cuda", "triton")):
+                impls[f"fastft[{backend}]"] = lambda b=backend: lora_linear(
+                    x, q, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, weight_scale=scale, backend=b)
         return impls
-    impls["peft"] = lambda t: peft_layer(t)
-    impls["fastft"] = lambda t: lora_linear(t, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p)
+    impls["peft"] = lambda: peft_layer(x)
+    impls["fastft"] = lambda: lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p)
     if device.type == "cuda":
-        impls["torch.compile(peft)"] = torch.compile(peft_layer, dynamic=False)
-        for backend, why in backend_reasons(x, weight, lora_a, None, dropout_p).items():
-            if backend != "torch" and not why():
-                impls[f"fastft[{backend}]"] = lambda t, b=backend: lora_linear(
-                    t, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, backend=b)
-        if not backend_reasons(x, weight, lora_a, None, dropout_p)["triton"]():
-            # measure() switches the Triton base GEMM to the fused kernel for this row
-            impls[FUSED_GEMM_IMPL] = lambda t: lora_linear(t, weight, bias, lora_a, lora_b, scaling,
-                                                           dropout_p=dropout_p, backend="triton")
+        compiled_peft = torch.compile(peft_layer, dynamic=False)
+        impls["torch.compile(peft)"] = lambda: compiled_peft(x)
+        backends = available_backends(backend_reasons(x, weight, lora_a, None, dropout_p), ("cuda", "triton"))
+        for backend in backends:
+            impls[f"fastft[{backend}]"] = lambda b=backend: lora_linear(
+                x, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, backend=b)
+        if "triton" in backends:  # run within _fused_triton_base_gemm (the workload says so)
+            impls[FUSED_GEMM_IMPL] = lambda: lora_linear(x, weight, bias, lora_a, lora_b, scaling,
+                                                         dropout_p=dropout_p, backend="triton")
     return impls
 
 
-def saved_bytes(fn, x, exclude) -> int:
+def saved_bytes(forward, exclude) -> int:
     """Bytes autograd keeps between forward and backward beyond the inputs / parameters."""
     seen, total = set(), 0
     skip = {t.untyped_storage().data_ptr() for t in exclude}
@@ -144,68 +139,39 @@ def saved_bytes(fn, x, exclude) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(x)
+        out = forward()
     del out
     return total
 
 
-def measure(tokens, in_features, out_features, rank, dropout_p, weight_kind, device, dtype, matmul_peak):
+def workload(config, device, dtype) -> Workload:
+    tokens, in_features, out_features, rank, dropout_p, weight_kind = config
     torch.manual_seed(0)
-    int8 = weight_kind == "int8"
     x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
     base = torch.nn.Linear(in_features, out_features, device=device, dtype=dtype).requires_grad_(False)
     lora_a = torch.nn.Parameter(torch.randn(rank, in_features, device=device, dtype=dtype) / in_features**0.5)
     lora_b = torch.nn.Parameter(torch.randn(out_features, rank, device=device, dtype=dtype) / rank**0.5)
-    params = [x, lora_a, lora_b]
-    quantized = quantize_weight_int8(base.weight) if int8 else None
+    quantized = quantize_weight_int8(base.weight) if weight_kind == "int8" else None
     flops_fwd = 2 * tokens * in_features * out_features + 2 * tokens * rank * (in_features + out_features)
     flops_bwd = 2 * tokens * in_features * out_features + 4 * tokens * rank * (in_features + out_features)
-    rows, reference_ms, floor_ms = [], {}, {}
-    impls = implementations(device, x, base, lora_a, lora_b, dropout_p, quantized)
     not_activations = [x, base.weight, base.bias, lora_a, lora_b, *(quantized or ())]
-    for impl, fn in impls.items():
-        for pass_ in ("fwd", "fwd+bwd"):
-            def step():
-                for p in params:
-                    p.grad = None
-                if pass_ == "fwd":
-                    with torch.no_grad():
-                        return fn(x)
-                fn(x).sum().backward()
 
-            row = {"tokens": tokens, "in": in_features, "out": out_features, "rank": rank, "dropout": dropout_p,
-                   "weight": weight_kind, "dtype": str(dtype).split(".")[-1], "pass": pass_, "impl": impl}
-            try:
-                with _triton_base_gemm(impl, device):
-                    ms = median_ms(step, device)
-                    row.update(ms=ms, peak_extra_MiB=peak_extra_bytes(step, device) / 2**20, status="ok")
-                    if pass_ == "fwd+bwd":
-                        row["saved_MiB"] = saved_bytes(fn, x, not_activations) / 2**20
-                flops = flops_fwd + (flops_bwd if pass_ == "fwd+bwd" else 0)
-                row["tflops"] = flops / (ms * 1e-3) / 1e12
-                if matmul_peak:
-                    row["frac_matmul_peak"] = row["tflops"] / matmul_peak
-                if impl in ("peft", "dequant+peft"):
-                    reference_ms[pass_] = ms
-                if impl == "linear (floor)":
-                    floor_ms[pass_] = ms
-            except Exception as err:  # noqa: BLE001 - one failing implementation must not stop the sweep
-                if not is_out_of_memory(err) and impl.startswith("fastft"):
-                    raise
-                row["status"] = "OOM" if is_out_of_memory(err) else f"error: {type(err).__name__}: {err}"[:120]
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    for row in rows:
-        if row.get("ms") and reference_ms.get(row["pass"]):
-            row["speedup_vs_peft"] = reference_ms[row["pass"]] / row["ms"]
-        if row.get("ms") and floor_ms.get(row["pass"]):
-            row["overhead_vs_floor"] = row["ms"] / floor_ms[row["pass"]]
-    return rows
+    def activation_memory(impl, pass_, forward):
+        return {"saved_MiB": saved_bytes(forward, not_activations) / 2**20} if pass_ == "fwd+bwd" else {}
+
+    return Workload(
+        case={"tokens": tokens, "in": in_features, "out": out_features, "rank": rank, "dropout": dropout_p,
+              "weight": weight_kind},
+        implementations=implementations(device, x, base, lora_a, lora_b, dropout_p, quantized),
+        leaves=(x, lora_a, lora_b),
+        backward=lambda y: y.sum().backward(),
+        flops={"fwd": flops_fwd, "fwd+bwd": flops_fwd + flops_bwd},
+        measured_within={FUSED_GEMM_IMPL: _fused_triton_base_gemm},
+        extra=activation_memory,
+    )
 
 
-def summary(rows: list[dict]) -> list[str]:
+def summary(rows: list[dict], device: torch.device) -> list[str]:
     """One line per case: fastft's best GPU backend vs PEFT and the floor (fwd+bwd)."""
     lines = []
     cases = dict.fromkeys((r["tokens"], r["in"], r["out"], r["rank"], r["dropout"], r["weight"]) for r in rows)
@@ -245,22 +211,13 @@ def plot(rows: list[dict], path) -> None:
     plt.close(fig)
 
 
+SUITE = OpSuite(name="lora_linear", columns=COLUMNS, configs=configs, workload=workload,
+                speedups={"speedup_vs_peft": ("peft", "dequant+peft")}, overheads={"overhead_vs_floor": ("linear (floor)",)},
+                summary=summary, summary_title="forward+backward, fastft (auto):", plot=plot)
+
+
 def run(quick: bool = False, out_dir=None) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    env = environment(device)
-    matmul_peak = matmul_peak_tflops(device, dtype)
-    env["matmul_peak_tflops"] = matmul_peak
-    print(f"lora_linear on {env['device']} ({dtype}); measured matmul peak {matmul_peak:.1f} TFLOP/s", flush=True)
-    rows = []
-    for case in configs(device, quick):
-        rows += measure(*case, device, dtype, matmul_peak if device.type == "cuda" else None)
-    lines = summary(rows)
-    notes = "forward+backward, fastft (auto):\n\n" + "\n".join(f"- {line}" for line in lines) if lines else ""
-    path = write_results("lora", rows, env, COLUMNS, out_dir or out_dir_from_env(), plot, notes)
-    print("\n".join(lines))
-    print(f"results: {path}")
-    return rows
+    return run_op_suite(SUITE, quick, out_dir)
 
 
 def main(argv=None) -> None:
