@@ -62,7 +62,7 @@ def run(fn, hidden, weight, bias, labels, reduction, **kwargs):
     return [loss.detach().float()] + [g.float() if g is not None else None for g in grads]
 
 
-def assert_within_rule(fused, same_dtype, reference, dtype, what):
+def assert_loss_and_grads_within_rule(fused, same_dtype, reference, dtype, what):
     for name, f, s, r in zip(["loss", "grad_hidden", "grad_weight", "grad_bias"], fused, same_dtype, reference):
         if r is not None:
             assert_tolerance_rule(f"{what} {name}", f, r, s, atol=ATOL[dtype], relative_atol=True)
@@ -79,7 +79,7 @@ def check_against_reference(backend, dtype, rows, hidden_size, vocab, reduction,
     same_dtype = run(lambda *a, **k: linear_cross_entropy_ref(*a, upcast=False, **k), hidden, weight, b, labels, reduction, **kwargs)
     # On CPU, fp16/bf16 plain torch is often exact to fp32 on tiny problems: measure its
     # error in fp32 instead would hide nothing, the atol covers the 16-bit rounding.
-    assert_within_rule(fused, same_dtype, reference, dtype, f"{backend}/{dtype}/{reduction}")
+    assert_loss_and_grads_within_rule(fused, same_dtype, reference, dtype, f"{backend}/{dtype}/{reduction}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -394,7 +394,7 @@ def test_cuda_rows_function_within_tolerance_rule(monkeypatch, dtype, chunk_logi
     reference = _rows_torch(hidden.float(), weight.float(), bias.float(), labels.long(), 0.1, row_scale, mask)
     same_dtype = _same_dtype_rows(hidden, weight, bias, labels, 0.1, row_scale)
     assert all(f is not None and f.dtype == torch.float32 for f in fused)
-    assert_within_rule(fused, same_dtype, reference, dtype, "cuda rows")
+    assert_loss_and_grads_within_rule(fused, same_dtype, reference, dtype, "cuda rows")
 
     # Loss only (no row_scale): no gradients, same loss.
     loss_only = linear_cross_entropy_rows(hidden, weight, bias, labels, 0.1, None, mask)
