@@ -6,7 +6,7 @@ stand-in GPU. Each op's kernels are tested in tests/test_<op>.py.
 
 import pytest
 import torch
-from _cuda_stand_in import BINDINGS, cuda_tensor, stand_in_gpu
+from _cuda_stand_in import BINDINGS, BINDINGS_CPP, check_call, cuda_tensor, parse_bindings, stand_in_gpu
 
 from fastft import _extension
 
@@ -71,3 +71,37 @@ def test_reasons_check_the_device_against_the_build(monkeypatch):
     stand_in_gpu(monkeypatch, capability=(12, 0), archs=("80", "90a"))
     found = _extension.reasons([cuda_tensor(2, 3)])
     assert len(found) == 1 and "not for compute capability 12.0" in found[0]
+
+
+# ---------------------------------------------------------------------------- the bindings as csrc/ writes them
+
+
+def test_stand_in_knows_every_binding_of_csrc():
+    """The parse of csrc/<op>/bindings.h finds each function the wrappers call, and its
+    py::arg list names the bound C++ parameters in order: a re-ordered parameter would
+    silently receive another argument's value."""
+    assert set(BINDINGS_CPP) == set(BINDINGS)
+    for binding in BINDINGS_CPP.values():
+        assert binding.args, binding.name
+        assert binding.args == tuple(name for _, name in binding.params), binding
+
+
+def test_bindings_parse_catches_a_reordered_parameter(tmp_path):
+    (tmp_path / "op").mkdir()
+    (tmp_path / "op" / "op.h").write_text("void op_run(std::uintptr_t a, int rows, bool flag);\n")
+    (tmp_path / "op" / "bindings.h").write_text(
+        'm.def("op_run", &op_run, py::arg("a"), py::arg("flag"), py::arg("rows"));\n')
+    binding = parse_bindings(tmp_path)["op_run"]
+    assert binding.args != tuple(name for _, name in binding.params)
+
+
+def test_a_call_that_does_not_fit_the_binding_fails(monkeypatch):
+    good = dict(logits=8, rows=1, vocab=3, bias=0, bias_dtype=0, labels=16, label_smoothing=0.0, row_scale=0,
+                write_in_place=False, grad_logits_16=0, grad_logits_16_dtype=0, loss=32, lse=0, stream=0)
+    check_call("linear_cross_entropy_softmax_grad", good)
+    renamed = {("vocab_size" if k == "vocab" else k): v for k, v in good.items()}
+    reordered = dict(reversed(list(good.items())))
+    wrong_type = {**good, "write_in_place": 1}
+    for bad in (renamed, reordered, wrong_type):
+        with pytest.raises(AssertionError):
+            check_call("linear_cross_entropy_softmax_grad", bad)
