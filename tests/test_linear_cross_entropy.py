@@ -69,8 +69,8 @@ def assert_loss_and_grads_within_rule(fused, same_dtype, reference, dtype, what)
 
 
 def check_against_reference(backend, dtype, rows, hidden_size, vocab, reduction, *, bias=False,
-                            ignored="some", label_smoothing=0.0, batch_shape=None):
-    device = device_for(backend)
+                            ignored="some", label_smoothing=0.0, batch_shape=None, device=None):
+    device = device or device_for(backend)
     hidden, weight, b, labels = make_inputs(rows, hidden_size, vocab, dtype, device, bias=bias,
                                             ignored=ignored, batch_shape=batch_shape)
     kwargs = dict(label_smoothing=label_smoothing)
@@ -381,6 +381,7 @@ def _same_dtype_rows(hidden, weight, bias, labels, label_smoothing, row_scale):
 def test_cuda_rows_function_within_tolerance_rule(monkeypatch, dtype, chunk_logits):
     if chunk_logits is not None:
         monkeypatch.setattr(linear_cross_entropy_cuda, "CHUNK_LOGITS", chunk_logits)
+        monkeypatch.setattr(linear_cross_entropy_cuda, "MIN_CHUNK_ROWS", 1)
     rows, hidden_size, vocab = 113, 64, 333
     hidden = torch.randn(rows, hidden_size, device="cuda").to(dtype)
     weight = (torch.randn(vocab, hidden_size, device="cuda") / hidden_size ** 0.5).to(dtype)
@@ -443,3 +444,78 @@ def test_cuda_reasons_on_a_stand_in_gpu(monkeypatch, capability, dtype, runs):
     assert (found == []) == runs, found
     stand_in_gpu(monkeypatch, bindings=("attention_forward",))
     assert any("built without linear_cross_entropy_softmax_grad" in r for r in backend_reasons(hidden, weight)["cuda"]())
+
+
+# --------------------------------------------------------------------------- CUDA backend on a CPU
+# The emulating stand-in (tests/_cuda_stand_in.py) runs every line of
+# fastft/ops/linear_cross_entropy_cuda.py on CPU tensors, checks each launch against the
+# binding in csrc/, and computes what the kernel would (fp32 math, 16-bit rounding of the
+# gradient copy), so the wrapper's chunking and scaling are checked by the numbers.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_backend_on_the_stand_in(monkeypatch, dtype, reduction):
+    stand_in = stand_in_gpu(monkeypatch, emulate=True)
+    check_against_reference("cuda", dtype, 113, 48, 257, reduction, bias=True, label_smoothing=0.1, device="cpu")
+    assert {name for name, _ in stand_in.calls} == {"linear_cross_entropy_softmax_grad"}
+
+
+def test_cuda_chunks_keep_the_weight_gradient_gemm_compute_bound(monkeypatch):
+    """Each chunk read-modify-writes the fp32 (V, H) weight gradient: chunks of 2^24
+    logits were 130 rows at V = 128256 (8 B·V·H of traffic per 130 rows, ~8x the GEMM).
+    At least 1024 rows per chunk whatever V, in whole 128-row tiles."""
+    for tokens, vocab in [(8192, 128256), (8192, 30522), (2458, 30522), (300, 128256)]:
+        chunks = linear_cross_entropy_cuda.chunk_plan(tokens, vocab)
+        assert chunks[0][0] == 0 and chunks[-1][1] == tokens
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+        assert chunks[0][1] - chunks[0][0] >= min(tokens, 1024)
+        assert all((end - start) % 128 == 0 for start, end in chunks[:-1])
+    assert len(linear_cross_entropy_cuda.chunk_plan(8192, 128256)) <= 8
+    # The launches the wrapper makes: one per chunk, 1024 rows then the rest.
+    stand_in = stand_in_gpu(monkeypatch, emulate=True)
+    hidden, weight, _, labels = make_inputs(1100, 8, 20000, torch.float32, "cpu", ignored="none")
+    linear_cross_entropy(hidden, weight, labels, backend="cuda").backward()
+    assert [kwargs["rows"] for _, kwargs in stand_in.calls] == [1024, 76]
+
+
+def _grad_scaler_fp16_grads(hidden, weight, labels, scale=2.0**16):
+    """What fp16 training with torch autocast computes: fp16 logits, the cross-entropy in
+    fp32, the loss times GradScaler's initial scale, backward in fp16, gradients divided
+    by the scale in fp32."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    loss = F.cross_entropy(F.linear(*leaves).float(), labels)
+    grads = torch.autograd.grad(loss * scale, leaves)
+    return [loss.detach().float()] + [g.float() / scale for g in grads]
+
+
+def check_fp16_mean_gradients(backend, device, rows=600, hidden_size=32, vocab=30522):
+    """The mean's 1/count row scale must not be applied before dlogits are rounded to
+    fp16: softmax / count is ~1e-8 here, below fp16's smallest subnormal (6e-8), so 90+%
+    of the logit gradients flushed to zero (dH, dW ~1% off). The bar is plain fp16 torch
+    with GradScaler's loss scaling, the way fp16 training is actually run."""
+    hidden, weight, _, labels = make_inputs(rows, hidden_size, vocab, torch.float16, device, ignored="none")
+    fused = run(lambda *a, **k: linear_cross_entropy(*a, backend=backend, **k), hidden, weight, None, labels, "mean")
+    reference = run(linear_cross_entropy_ref, hidden, weight, None, labels, "mean")
+    # run() backpropagates a random multiple of the loss: give the baseline the same upstream.
+    upstream = torch.randn((), generator=torch.Generator().manual_seed(1)).item()
+    scaled = _grad_scaler_fp16_grads(hidden, weight, labels)
+    baseline = [scaled[0]] + [g * upstream for g in scaled[1:]]
+    for name, f, r, b in zip(["loss", "grad_hidden", "grad_weight"], fused, reference, baseline):
+        assert_tolerance_rule(f"fp16 mean {name}", f, r, b, atol=1e-3 if name == "loss" else 1e-6,
+                              relative_atol=True)
+
+
+def test_cuda_fp16_gradients_of_a_mean_do_not_underflow(monkeypatch):
+    stand_in_gpu(monkeypatch, emulate=True)
+    check_fp16_mean_gradients("cuda", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_fp16_gradients_of_a_mean_do_not_underflow(backend):
+    """The real 1/count scale of a mean over 2458 rows at BERT's vocabulary, on the GPU."""
+    probe = torch.empty(1, 8, device="cuda", dtype=torch.float16)
+    if backend_reasons(probe, probe)[backend]():
+        pytest.skip(f"{backend}: " + "; ".join(backend_reasons(probe, probe)[backend]()))
+    check_fp16_mean_gradients(backend, "cuda", rows=2458, hidden_size=768)

@@ -15,10 +15,19 @@ import torch
 from fastft import _extension
 from fastft._extension import DTYPE_CODES, check_cuda_tensor, pointer, stream_handle
 
-# fp32 logits held at once by the CUDA backend: 2^24 * 4 B = 64 MiB (plus a 32 MiB
-# 16-bit copy for 16-bit inputs), whatever tokens x vocab is. Large chunks keep the three
-# GEMMs per chunk big enough to run cuBLAS near peak.
+# Rows per chunk: CHUNK_LOGITS // V, but never fewer than MIN_CHUNK_ROWS. Each chunk
+# read-modify-writes the whole fp32 (V, H) weight gradient (8·V·H bytes) in its dW GEMM,
+# which does 2·c·V·H FLOPs: on an H200 (~790 TFLOP/s, ~4.3 TB/s) that GEMM stays
+# compute-bound only for c >= 8 · 790 / (2 · 4.3) ≈ 735 rows. At V = 128256 a 2^24-logit
+# chunk is 130 rows, so dW traffic would be ~8x its GEMM time (benchmarks/NOTES.md).
+# Memory: max(64 MiB, 1024 · V · 4 B) of fp32 logits (525 MB at V = 128256) plus half that
+# as a 16-bit copy, whatever the number of tokens.
 CHUNK_LOGITS = 1 << 24
+MIN_CHUNK_ROWS = 1024
+# fp16 copies of dlogits are taken at GRAD_GAIN times their value (then divided out of the
+# fp32 GEMM results, exactly: a power of two). |dlogits| <= 1 before it, so 2^14 keeps the
+# largest below fp16's 65504 while lifting probabilities of ~1e-8 out of the subnormals.
+GRAD_GAIN = {torch.float16: 2.0**14, torch.bfloat16: 1.0, torch.float32: 1.0}
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -139,15 +148,15 @@ class _GemmPlan:
     accumulate: str
 
 
-def _accumulate_fp32(form: str, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b for 16-bit a, b, in the given form (see _GemmPlan)."""
+def _accumulate_fp32(form: str, acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """acc (fp32) += alpha · a @ b for 16-bit a, b, in the given form (see _GemmPlan)."""
     if form == "addmm":
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
     elif form == "baddbmm":
         acc3 = acc.unsqueeze(0)  # (1, m, n) view of acc: out= writes through it
-        torch.baddbmm(acc3, a.unsqueeze(0), b.unsqueeze(0), out_dtype=torch.float32, out=acc3)
+        torch.baddbmm(acc3, a.unsqueeze(0), b.unsqueeze(0), out_dtype=torch.float32, alpha=alpha, out=acc3)
     else:
-        acc += torch.mm(a, b, out_dtype=torch.float32)
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32), alpha=alpha)
 
 
 @functools.lru_cache(maxsize=None)
@@ -187,6 +196,31 @@ def _gemm_plan(device: torch.device, dtype: torch.dtype) -> _GemmPlan:
     return _GemmPlan(fp32_output=True, accumulate="mm_add")
 
 
+def chunk_plan(num_rows: int, vocab: int) -> list[tuple[int, int]]:
+    """(start, end) row ranges of the chunks: CHUNK_LOGITS // vocab rows, at least
+    MIN_CHUNK_ROWS, in whole 128-row GEMM tiles (a chunk of 130 rows would pay for 256 on
+    the tensor cores), at most ``num_rows``."""
+    rows = max(MIN_CHUNK_ROWS, CHUNK_LOGITS // vocab)
+    rows = max(1, min(num_rows, rows - rows % 128 if rows >= 128 else rows))
+    return [(start, min(start + rows, num_rows)) for start in range(0, num_rows, rows)]
+
+
+def chunk_scales(row_scale: torch.Tensor, chunks, gain: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+    """Split ``row_scale`` per chunk into ``ratios`` (what the kernel multiplies dlogits by
+    before rounding them to 16 bits: ``gain · row_scale / s``, at most ``gain`` in
+    magnitude) and ``s`` (the chunk's largest ``|row_scale|`` over ``gain``, applied to the
+    fp32 GEMM results), so that ``ratio · s == row_scale``. A mean over N rows has
+    ``row_scale = 1/N`` everywhere: the ratio is then ``gain`` exactly and nothing of
+    ``softmax / N`` is lost to 16-bit rounding. One host read for all chunks' maxima."""
+    maxima = torch.stack([row_scale[start:end].abs().max() for start, end in chunks])
+    maxima = torch.where(maxima > 0, maxima, torch.ones_like(maxima))
+    chunk_of_row = torch.repeat_interleave(
+        torch.arange(len(chunks), device=row_scale.device),
+        torch.tensor([end - start for start, end in chunks], device=row_scale.device))
+    ratios = (row_scale * (gain / maxima[chunk_of_row])).contiguous()
+    return ratios, [m / gain for m in maxima.tolist()]
+
+
 def _mm_into_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """out (fp32) = a @ b; a, b fp32, or 16-bit with an fp32-output GEMM (fp32 accumulation)."""
     if a.dtype == torch.float32:
@@ -221,12 +255,16 @@ def linear_cross_entropy_rows(
         ``grad_bias (V,)``, each None unless row_scale is given and its mask entry is True
         (grad_bias also None without a bias).
 
-    For each chunk of rows (at most CHUNK_LOGITS logits):
-    cuBLAS writes the fp32 logits ``h_c @ W.T`` (fp32 output even for 16-bit inputs), the
-    softmax-grad kernel turns them into loss and ``dlogits = row_scale * (softmax -
-    smoothed one-hot)`` (in place, and as a 16-bit copy for 16-bit inputs so the next
-    GEMMs run on tensor cores), then ``grad_hidden_c = dlogits @ W``, ``grad_weight +=
-    dlogits.T @ h_c`` (fp32 accumulator) and ``grad_bias += dlogits.sum(0)``. Everything
+    For each chunk of rows (``chunk_plan``: at least MIN_CHUNK_ROWS rows, so the dW GEMM
+    stays compute-bound): cuBLAS writes the fp32 logits ``h_c @ W.T`` (fp32 output even
+    for 16-bit inputs), the softmax-grad kernel turns them into loss and ``dlogits =
+    ratio * (softmax - smoothed one-hot)`` (in place, and as a 16-bit copy for 16-bit
+    inputs so the next GEMMs run on tensor cores), then ``grad_hidden_c = s · dlogits @
+    W``, ``grad_weight += s · dlogits.T @ h_c`` (fp32 accumulator) and ``grad_bias += s ·
+    dlogits.sum(0)``. The row scale is split as in the Triton backend (``chunk_scales``):
+    ``ratio = row_scale / s`` with ``s`` the chunk's largest ``|row_scale|`` (times
+    GRAD_GAIN for fp16), so a mean over N rows does not round ``softmax / N`` to 16 bits
+    (at N = 2458, V = 30522 that flushed 92-98% of fp16 gradients to zero). Everything
     runs on the caller's current stream of ``hidden``'s device.
     """
     check_cuda_tensor("hidden", hidden, dtype=_FLOAT_DTYPES, contiguous=False)
@@ -282,35 +320,37 @@ def linear_cross_entropy_rows(
         # the fp32 dlogits are written in place only when something reads them.
         grad_16 = sixteen_bit and not upcast and (need_hidden or need_weight)
         write_in_place = need_bias or (not grad_16 and (need_hidden or need_weight))
-        kernel_row_scale = row_scale if (write_in_place or grad_16) else None
-
-        # Whole 128-row GEMM tiles: a chunk of 130 rows would pay for 256 on the tensor cores.
-        chunk_rows = CHUNK_LOGITS // vocab
-        chunk_rows = max(1, min(num_rows, chunk_rows - chunk_rows % 128 if chunk_rows >= 128 else chunk_rows))
+        kernel_wants_scale = write_in_place or grad_16
+        chunks = chunk_plan(num_rows, vocab)
+        ratios, scales = (chunk_scales(row_scale, chunks, GRAD_GAIN[hidden.dtype]) if want_grad
+                          else (None, [1.0] * len(chunks)))
+        chunk_rows = chunks[0][1] - chunks[0][0]
         logits_buffer = torch.empty(chunk_rows, vocab, **f32)  # reused by every chunk
         grad_16_buffer = torch.empty(chunk_rows, vocab, dtype=hidden.dtype, device=device) if grad_16 else None
-        for start in range(0, num_rows, chunk_rows):
-            end = min(start + chunk_rows, num_rows)
+        for (start, end), scale in zip(chunks, scales):
             h = hidden[start:end].float() if upcast else hidden[start:end]  # (c, H)
             logits = logits_buffer[: end - start]  # (c, V) fp32
             _mm_into_fp32(h, gemm_weight.T, out=logits)
             grad_logits_16 = None if grad_16_buffer is None else grad_16_buffer[: end - start]
             linear_cross_entropy_softmax_grad(
                 logits, labels[start:end], bias=bias, label_smoothing=label_smoothing,
-                row_scale=None if kernel_row_scale is None else kernel_row_scale[start:end],
+                row_scale=ratios[start:end] if kernel_wants_scale else None,
                 write_in_place=write_in_place, grad_logits_16=grad_logits_16,
                 loss=loss[start:end], lse=lse[start:end],
             )
             if not want_grad:
                 continue
+            # dlogits is ratio * (softmax - one-hot); every product below is scaled by s.
             grad_logits = grad_logits_16 if grad_logits_16 is not None else logits  # (c, V)
             if need_hidden:
                 _mm_into_fp32(grad_logits, gemm_weight, out=grad_hidden[start:end])  # (c, H)
+                if scale != 1.0:
+                    grad_hidden[start:end].mul_(scale)
             if need_weight:
                 if grad_logits.dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.T, h)  # (V, H) += (V, c) @ (c, H)
+                    grad_weight.addmm_(grad_logits.T, h, alpha=scale)  # (V, H) += s (V, c) @ (c, H)
                 else:
-                    _accumulate_fp32(plan.accumulate, grad_weight, grad_logits.T, h)
+                    _accumulate_fp32(plan.accumulate, grad_weight, grad_logits.T, h, alpha=scale)
             if need_bias:
-                grad_bias += logits.sum(dim=0)  # fp32 dlogits, column sums
+                grad_bias.add_(logits.sum(dim=0), alpha=scale)  # fp32 dlogits, column sums
     return loss, grad_hidden, grad_weight, grad_bias
