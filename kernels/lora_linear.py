@@ -125,6 +125,10 @@ def _lora_fused_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) output columns
     in_m = offs_m < M
     in_n = offs_n < N
+    # 64-bit element offsets: tokens x features passes 2^31 at ~150k tokens x 14336
+    # (offs_m * stride in int32 would wrap to a wrong address).
+    rows64 = offs_m.to(tl.int64)
+    cols64 = offs_n.to(tl.int64)
     out_dtype = Out.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
@@ -133,9 +137,10 @@ def _lora_fused_linear_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k  # (BK,)
             in_k = ks < K
-            x = tl.load(X + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+            ks64 = ks.to(tl.int64)
+            x = tl.load(X + rows64[:, None] * stride_xm + ks64[None, :] * stride_xk,
                         mask=in_m[:, None] & in_k[None, :], other=0.0)  # (BM, BK)
-            w = tl.load(W + ks[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            w = tl.load(W + ks64[:, None] * stride_wk + cols64[None, :] * stride_wn,
                         mask=in_k[:, None] & in_n[None, :], other=0)  # (BK, BN)
             if WEIGHT_INT8:
                 if SCALE_ALONG_N:
@@ -166,9 +171,9 @@ def _lora_fused_linear_kernel(
     for r0 in range(0, RANK, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         in_r = offs_r < RANK
-        lo = tl.load(L + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+        lo = tl.load(L + rows64[:, None] * stride_lm + offs_r[None, :] * stride_lr,
                      mask=in_m[:, None] & in_r[None, :], other=0.0)  # (BM, BR)
-        up = tl.load(R + offs_r[:, None] * stride_rr + offs_n[None, :] * stride_rn,
+        up = tl.load(R + offs_r[:, None] * stride_rr + cols64[None, :] * stride_rn,
                      mask=in_r[:, None] & in_n[None, :], other=0.0)  # (BR, BN)
         if UPCAST:
             lo = lo.to(tl.float32)
@@ -179,7 +184,7 @@ def _lora_fused_linear_kernel(
         lora = tl.where(keep, lora, 0.0)
     acc += scale * lora
 
-    out_ptrs = Out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = Out + rows64[:, None] * stride_om + cols64[None, :] * stride_on
     out_mask = in_m[:, None] & in_n[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
@@ -209,6 +214,8 @@ def _lora_masked_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_m = offs_m < M
     in_n = offs_n < N
+    rows64 = offs_m.to(tl.int64)  # 64-bit offsets, as in _lora_fused_linear_kernel
+    cols64 = offs_n.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = split * K_PER_SPLIT
@@ -216,9 +223,10 @@ def _lora_masked_matmul_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
         in_k = ks < k_end
-        p = tl.load(P + offs_m[:, None] * stride_pm + ks[None, :] * stride_pk,
+        ks64 = ks.to(tl.int64)
+        p = tl.load(P + rows64[:, None] * stride_pm + ks64[None, :] * stride_pk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)  # (BM, BK)
-        q = tl.load(Q + ks[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+        q = tl.load(Q + ks64[:, None] * stride_qk + cols64[None, :] * stride_qn,
                     mask=in_k[:, None] & in_n[None, :], other=0.0)  # (BK, BN)
         if MASK_P:
             p = tl.where(_dropout_keep(offs_m[:, None], ks[None, :], seed_key, threshold), p, 0.0)
@@ -228,7 +236,7 @@ def _lora_masked_matmul_kernel(
             p = p.to(tl.float32)
             q = q.to(tl.float32)
         acc += tl.dot(p, q, input_precision=DOT_PRECISION)
-    tl.store(Partial + split * stride_ps + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+    tl.store(Partial + split.to(tl.int64) * stride_ps + rows64[:, None] * stride_om + cols64[None, :] * stride_on,
              acc, mask=in_m[:, None] & in_n[None, :])
 
 

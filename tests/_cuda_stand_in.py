@@ -26,7 +26,6 @@ Import as ``from _cuda_stand_in import cuda_tensor, stand_in_gpu``.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import re
 import types
@@ -352,6 +351,7 @@ def _binding(name: str, module: types.SimpleNamespace, emulate: bool):
         assert not args, f"{name}: the wrappers pass every argument by keyword, got {len(args)} positional"
         check_call(name, kwargs)
         module.calls.append((name, dict(kwargs)))
+        module.guards.append(module.device_guard[-1] if module.device_guard else None)
         if not emulate:
             raise AssertionError(f"the stand-in fastft._cuda cannot launch {name} without emulate=True")
         EMULATIONS[name](**kwargs)
@@ -363,11 +363,26 @@ class _Stream:
     cuda_stream = 0
 
 
+class _DeviceGuard:
+    """``torch.cuda.device(d)``: records ``d`` as the current device while it is entered."""
+
+    def __init__(self, stack, device):
+        self.stack, self.device = stack, device
+
+    def __enter__(self):
+        self.stack.append(torch.device(self.device) if self.device is not None else None)
+
+    def __exit__(self, *exc):
+        self.stack.pop()
+
+
 def stand_in_gpu(monkeypatch, *, capability=(9, 0), archs=("80", "90a"), bindings=BINDINGS,
                  emulate: bool = False) -> types.SimpleNamespace:
     """Patch (through pytest's ``monkeypatch``, undone after the test) what the wrappers read;
-    returns the stand-in module (its ``calls`` list records every launch)."""
-    stand_in = types.SimpleNamespace(calls=[])
+    returns the stand-in module: ``calls`` records every launch (name, keyword arguments),
+    ``guards`` the device a ``torch.cuda.device`` guard had made current at each (None: no
+    guard, the launch would go to whatever device is current)."""
+    stand_in = types.SimpleNamespace(calls=[], guards=[], device_guard=[])
     for name in bindings:
         setattr(stand_in, name, _binding(name, stand_in, emulate))
     monkeypatch.setattr(_extension, "_module", stand_in)
@@ -378,7 +393,7 @@ def stand_in_gpu(monkeypatch, *, capability=(9, 0), archs=("80", "90a"), binding
     if emulate:  # CPU tensors pass for CUDA tensors; the device guard and stream are no-ops
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: self.device.type in ("cpu", "cuda")),
                             raising=False)
-        monkeypatch.setattr(torch.cuda, "device", lambda device=None: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "device", lambda device=None: _DeviceGuard(stand_in.device_guard, device))
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         _enable_fp32_output_gemms_on_cpu()

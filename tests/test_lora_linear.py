@@ -418,3 +418,91 @@ def test_cuda_reasons_on_a_stand_in_gpu(monkeypatch, capability, dtype, runs):
     assert (found == []) == runs, found
     stand_in_gpu(monkeypatch, bindings=("attention_forward",))
     assert any("built without lora_fused_linear" in r for r in backend_reasons(x, weight, lora_a)["cuda"]())
+
+
+# --------------------------------------------------------------------------- CUDA backend on a CPU
+# The emulating stand-in (tests/_cuda_stand_in.py) runs fastft/ops/lora_linear_cuda.py on CPU
+# tensors, checks each launch against csrc/lora_linear/bindings.h, and computes what the
+# kernel would, so the wrapper's arguments (strides, masks, split-K, dtype codes) are
+# checked by the numbers.
+
+lora_cuda = importlib.import_module("fastft.ops.lora_linear_cuda")
+
+
+@pytest.mark.parametrize("int8,int8_gemm", [(False, "dequant"), (True, "dequant"), (True, "fused")])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_cuda_backend_on_the_stand_in(monkeypatch, int8, int8_gemm, dtype, dropout_p):
+    monkeypatch.setattr(lora_cuda, "INT8_GEMM", int8_gemm)
+    monkeypatch.setattr(lora_cuda.LoRALinearBackend, "GRAD_A_TOKENS_PER_SPLIT", 16)  # several split-K partials
+    stand_in = stand_in_gpu(monkeypatch, emulate=True)
+    inputs = make_inputs(37, 40, 29, 8, dtype, int8=int8, bias_grad=not int8)
+    assert_matches_reference(inputs, dropout_p=dropout_p, seed=11, backend="cuda")
+    launched = [name for name, _ in stand_in.calls]
+    # cuBLAS does every product the kernel is not needed for: int8 is dequantised first
+    # unless the fused kernel is asked for; only dropout needs the kernel otherwise.
+    uses_kernel = dropout_p > 0 or (int8 and int8_gemm == "fused")
+    assert bool(launched) == uses_kernel, launched
+
+
+def test_cuda_launches_on_the_tensors_device(monkeypatch):
+    """A layer on cuda:1 (device_map sharding) must launch on cuda:1 with cuda:1's stream,
+    whatever the current device is: every launch happens inside a guard for its tensors."""
+    monkeypatch.setattr(lora_cuda, "INT8_GEMM", "fused")
+    stand_in = stand_in_gpu(monkeypatch, emulate=True)
+    inputs = make_inputs(19, 24, 17, 4, torch.bfloat16, int8=True)
+    y = lora_linear(inputs["x"], inputs["weight"], None, inputs["lora_a"], inputs["lora_b"], 2.0, dropout_p=0.2,
+                    seed=1, weight_scale=inputs["weight_scale"], backend="cuda")
+    y.float().sum().backward()
+    assert len(stand_in.calls) >= 4
+    assert stand_in.guards == [inputs["x"].device] * len(stand_in.calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_tensors_on_a_non_current_device(backend):
+    inputs = make_inputs(64, 96, 80, 8, torch.bfloat16, device="cuda:1", int8=True)
+    with torch.cuda.device(0):
+        assert_matches_reference(inputs, dropout_p=0.1, seed=2, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_on_a_non_default_stream(backend):
+    """The kernels run on the caller's current stream: on a side stream the result is the
+    one of the default stream, bit for bit (no launch slips onto another stream)."""
+    inputs = make_inputs(300, 256, 130, 16, torch.bfloat16, device="cuda", int8=True)
+    args = (inputs["x"].detach(), inputs["weight"], None, inputs["lora_a"].detach(), inputs["lora_b"].detach(), 2.0)
+    kwargs = dict(dropout_p=0.1, seed=4, weight_scale=inputs["weight_scale"], backend=backend)
+    expected = lora_linear(*args, **kwargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = lora_linear(*args, **kwargs) * 1  # a torch op queued behind the kernels
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_beyond_2_to_the_31_elements(backend):
+    """tokens x features > 2^31 (x of 150k tokens x 14336): 32-bit offsets would wrap. Only
+    the last tokens are compared, where a wrapped offset would read the wrong rows."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs ~30 GB of GPU memory")
+    tokens, in_features, out_features, rank = 150_000, 14336, 64, 16
+    x = torch.randn(tokens, in_features, device="cuda", dtype=torch.bfloat16)
+    weight, weight_scale = quantize_weight_int8(torch.randn(out_features, in_features, device="cuda") / 100)
+    lora_a = torch.randn(rank, in_features, device="cuda", dtype=torch.bfloat16) / 100
+    lora_b = torch.randn(out_features, rank, device="cuda", dtype=torch.bfloat16)
+    y = lora_linear(x, weight, None, lora_a, lora_b, 2.0, dropout_p=0.1, seed=6, weight_scale=weight_scale,
+                    backend=backend)
+    tail = slice(tokens - 7, tokens)
+    mask = dropout_keep_mask(6, 0.1, 7, in_features, row_offset=tokens - 7, device="cuda")
+    expected = lora_linear_ref(x[tail], weight, None, lora_a, lora_b, 2.0, dropout_mask=mask, dropout_p=0.1,
+                               weight_scale=weight_scale)
+    plain = lora_linear_ref(x[tail], weight, None, lora_a, lora_b, 2.0, dropout_mask=mask, dropout_p=0.1,
+                            weight_scale=weight_scale, upcast=False)
+    assert_tolerance_rule("y tail", y[tail], expected, plain, atol=1e-2, relative_atol=True)

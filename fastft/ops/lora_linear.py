@@ -61,9 +61,10 @@ __all__ = [
     "backend_reasons",
 ]
 
-# cuda first: its int8 dequant-GEMM and dropout kernels are what cuBLAS cannot do; the
-# large 16-bit GEMMs go to cuBLAS in every GPU backend (see kernels/lora_linear.py for why).
-# CPU inputs fall through to torch.
+# cuda first: every large GEMM goes to cuBLAS there (int8 weights dequantised first:
+# lora_linear_cuda.INT8_GEMM, until a measured mixed-input GEMM beats it) and its kernel
+# only does the dropout products cuBLAS cannot; triton's int8 base GEMM is its own fused
+# kernel (unmeasured; kernels/lora_linear.py). CPU inputs fall through to torch.
 PRIORITY = ("cuda", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Beyond this rank the rank-r product is a GEMM of its own and fusing it gains nothing;

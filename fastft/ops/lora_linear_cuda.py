@@ -7,6 +7,8 @@ tensor check happens in ``lora_fused_linear``, before a pointer crosses into C++
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fastft import _extension
@@ -14,6 +16,16 @@ from fastft._extension import DTYPE_CODES, check_cuda_tensor, pointer, stream_ha
 from fastft.kernels._common import dropout_params
 
 _DTYPES = (torch.float16, torch.bfloat16)
+# How the CUDA backend runs the base GEMM of an int8 weight. "dequant": dequantise W to the
+# activation dtype (one pass over O·K bytes, a transient 16-bit copy) and run cuBLAS, at
+# cuBLAS speed plus ~3·O·K bytes of traffic. "fused": csrc/lora_linear's WMMA kernel,
+# which dequantises while staging tiles but stages them with scalar strided loads, no
+# double buffering and two barriers per k-step (napkin: 40-80 TFLOP/s, ~10x slower than
+# cuBLAS at N 8192, K = O = 4096; benchmarks/NOTES.md). "dequant" until a measured
+# mixed-input GEMM beats it; FASTFT_LORA_INT8_GEMM=fused selects the kernel (benchmarks).
+INT8_GEMM = os.environ.get("FASTFT_LORA_INT8_GEMM", "dequant").strip().lower()
+if INT8_GEMM not in ("dequant", "fused"):
+    raise ValueError(f"FASTFT_LORA_INT8_GEMM must be 'dequant' or 'fused', got {INT8_GEMM!r}")
 
 
 def reasons(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None = None,
@@ -77,29 +89,38 @@ def lora_fused_linear(out, x, w_t, weight_scale, scale_along_n, bias, lora_l, lo
         raise ValueError(f"lora_fused_linear: mask must be None, 'x', 'w' or 'lora', got {mask!r}")
     seed_key, threshold = dropout_params(dropout_p, seed) if mask is not None else (0, 0)
     reduce = x.shape[1] if has_base else 0
-    _extension.module().lora_fused_linear(
-        x=pointer(x), w=pointer(w_t), w_scale=pointer(weight_scale), bias=pointer(bias),
-        lora_l=pointer(lora_l), lora_r=pointer(lora_r_t), out=out.data_ptr(),
-        rows=rows, cols=cols, reduce=reduce, rank=rank, k_per_split=k_per_split,
-        stride_xm=x.stride(0) if has_base else 0, stride_xk=x.stride(1) if has_base else 0,
-        stride_wk=w_t.stride(0) if has_base else 0, stride_wn=w_t.stride(1) if has_base else 0,
-        stride_lm=lora_l.stride(0) if rank else 0, stride_lr=lora_l.stride(1) if rank else 0,
-        stride_rr=lora_r_t.stride(0) if rank else 0, stride_rn=lora_r_t.stride(1) if rank else 0,
-        stride_om=out.stride(-2), stride_on=out.stride(-1), stride_os=out.stride(0) if split_out else 0,
-        scale=float(scale), seed_key=seed_key, threshold=threshold,
-        dtype=DTYPE_CODES[dtype], weight_int8=has_base and w_t.dtype == torch.int8, scale_along_n=scale_along_n,
-        mask_x=mask == "x", mask_w=mask == "w", mask_lora=mask == "lora",
-        accumulate=not has_base, out_fp32=split_out, stream=stream_handle(device),
-    )
+    extension = _extension.module()
+    with torch.cuda.device(device):  # launch on the tensors' device (e.g. cuda:1 under device_map), on its stream
+        extension.lora_fused_linear(
+            x=pointer(x), w=pointer(w_t), w_scale=pointer(weight_scale), bias=pointer(bias),
+            lora_l=pointer(lora_l), lora_r=pointer(lora_r_t), out=pointer(out),
+            rows=rows, cols=cols, reduce=reduce, rank=rank, k_per_split=k_per_split,
+            stride_xm=x.stride(0) if has_base else 0, stride_xk=x.stride(1) if has_base else 0,
+            stride_wk=w_t.stride(0) if has_base else 0, stride_wn=w_t.stride(1) if has_base else 0,
+            stride_lm=lora_l.stride(0) if rank else 0, stride_lr=lora_l.stride(1) if rank else 0,
+            stride_rr=lora_r_t.stride(0) if rank else 0, stride_rn=lora_r_t.stride(1) if rank else 0,
+            stride_om=out.stride(-2), stride_on=out.stride(-1), stride_os=out.stride(0) if split_out else 0,
+            scale=float(scale), seed_key=seed_key, threshold=threshold,
+            dtype=DTYPE_CODES[dtype], weight_int8=has_base and w_t.dtype == torch.int8, scale_along_n=scale_along_n,
+            mask_x=mask == "x", mask_w=mask == "w", mask_lora=mask == "lora",
+            accumulate=not has_base, out_fp32=split_out, stream=stream_handle(device),
+        )
     return out
+
+
+def _dequantize(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 (O, K) times fp32 per-row scales, rounded once to ``dtype`` (as the fused
+    kernel and the torch backend round it): a transient (O, K) 16-bit copy."""
+    return (weight.float() * weight_scale.float()[:, None]).to(dtype)
 
 
 class LoRALinearBackend:
     """The CUDA backend's four lora_linear primitives (contract in fastft/ops/lora_linear.py).
 
-    The 16-bit GEMMs stay on cuBLAS through torch; the kernel above does what cuBLAS
-    cannot: the int8 dequant-GEMM with its rank-r / bias epilogue, and the products with
-    dropout(x) without materialising it.
+    The 16-bit GEMMs stay on cuBLAS through torch, and so do int8 base weights (dequantised
+    first, INT8_GEMM); the kernel above does what cuBLAS cannot: the products with
+    dropout(x) without materialising it (and the int8 dequant-GEMM when INT8_GEMM is
+    "fused").
     """
 
     # dA's token reduction is split in slices of this many tokens (fp32 partials summed by
@@ -115,6 +136,8 @@ class LoRALinearBackend:
 
     @staticmethod
     def up(x, weight, weight_scale, bias, xa, lora_b, scale):
+        if weight.dtype == torch.int8 and INT8_GEMM == "dequant":
+            weight = _dequantize(weight, weight_scale, x.dtype)
         if weight.dtype != torch.int8:
             y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
             return y.addmm_(xa, lora_b.T, alpha=scale)
@@ -125,6 +148,8 @@ class LoRALinearBackend:
     @staticmethod
     def grad_input(grad, weight, weight_scale, grad_xa, lora_a, scale, dropout_p, seed):
         mask = "lora" if dropout_p > 0.0 else None
+        if weight.dtype == torch.int8 and INT8_GEMM == "dequant":
+            weight = _dequantize(weight, weight_scale, grad.dtype)
         if weight.dtype == torch.int8:
             grad_x = grad.new_empty(grad.shape[0], weight.shape[1])  # (N, K)
             return lora_fused_linear(grad_x, grad, weight, weight_scale.float().contiguous(), False, None, grad_xa, lora_a,
