@@ -12,8 +12,10 @@ from collections import Counter
 import pytest
 import torch
 
-from fastft.demo import SCRATCH, DemoConfig, build_word_tokenizer, main, run_demo, split_rows
-from fastft.demo_data import FUNCTION_WORDS, SPECIAL_TOKENS, DemoLanguage
+from fastft.data.demo_language import FUNCTION_WORDS, SPECIAL_TOKENS, DemoLanguage
+from fastft.recipes.demo import SCRATCH, DemoConfig, build_word_tokenizer, main, run_demo, split_rows
+
+from _tiny_models import bert_config  # tests/_tiny_models.py
 
 
 @pytest.fixture
@@ -134,8 +136,8 @@ def _write_user_files(root):
     texts = toy_corpus(60, seed=1)
     tokenizer = toy_tokenizer(texts, vocab_size=120)
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=64)
+    config = bert_config(len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=64, dropout=0.1)
     model_dir = root / "tiny-bert"
     transformers.BertForMaskedLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -153,7 +155,7 @@ def _write_user_files(root):
 def test_demo_on_user_model_and_files(tmp_path, monkeypatch, capsys, one_thread):
     model_dir, data, labels = _write_user_files(tmp_path)
     small = dataclasses.replace(DemoConfig(), pretrain_steps=3, epochs=1, pretrain_batch_size=4, batch_size=4)
-    monkeypatch.setattr("fastft.demo.DemoConfig", lambda: small)
+    monkeypatch.setattr("fastft.recipes.demo.DemoConfig", lambda: small)
     out = tmp_path / "out"
     assert main(["--model", str(model_dir), "--data", str(data), "--labels", str(labels), "--out", str(out),
                  "--device", "cpu", "--seed", "3", "--threads", str(torch.get_num_threads())]) == 0

@@ -27,6 +27,8 @@ from fastft.train.checkpoint import is_sharded_checkpoint
 from fastft.train.distributed import trainable_state_dict
 from fastft.train.config import apply_overrides, resolve_kwarg_overrides
 
+from _tiny_models import bert_config, gpt2_config  # tests/_tiny_models.py
+
 pytestmark = pytest.mark.distributed
 datasets.disable_progress_bars()
 transformers = pytest.importorskip("transformers")
@@ -182,18 +184,9 @@ class RecordingCollator:
 
 def tiny_gpt2(tokenizer):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = gpt2_config(len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=64, dropout=0.0, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
     return transformers.GPT2LMHeadModel(config)  # tied input/output embeddings
 
 
@@ -435,10 +428,8 @@ def test_torchrun_cli_pretrain_fsdp_then_resume_with_ddp_on_one_rank(tmp_path):
     corpus = toy_corpus(60, seed=0)
     (tmp_path / "corpus.txt").write_text("\n".join(corpus) + "\n")
     tokenizer = toy_tokenizer(corpus)
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = bert_config(len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64, dropout=0.1, pad_token_id=tokenizer.pad_token_id)
     transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "init")
     tokenizer.save_pretrained(tmp_path / "init")
     out = tmp_path / "out"

@@ -1,4 +1,5 @@
-"""FastDropout (fastft/nn/dropout.py) and the loop's CPU settings (fastft.train.loop).
+"""FastDropout (fastft/nn/dropout.py) and the CPU settings the recipes switch on around the
+loop (``fastft.train.runtime.cpu_speedups``).
 
 FastDropout must be dropout: each element kept independently with probability 1 - p and
 scaled so the output is unbiased, a fresh mask per call, reproducible from torch's seed,
@@ -15,6 +16,8 @@ import torch
 import transformers
 
 from fastft.nn.dropout import FastDropout, use_fast_dropout
+
+from _tiny_models import bert_config  # tests/_tiny_models.py
 
 
 def _within_binomial(count, trials, prob, sigmas=5.0):
@@ -87,8 +90,8 @@ def test_falls_back_to_nn_dropout_where_it_does_not_apply():
 
 
 def _tiny_bert():
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32, attn_implementation="eager")
+    config = bert_config(50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=32, dropout=0.1, attn_implementation="eager")
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config)
 
@@ -122,7 +125,7 @@ def test_retain_freed_memory_stops_page_faults_on_a_reused_large_buffer():
     (the setting is process-wide and permanent)."""
     script = textwrap.dedent("""
         import resource, sys, torch
-        from fastft.train.loop import retain_freed_memory
+        from fastft.train.runtime import retain_freed_memory
         applied = retain_freed_memory() if sys.argv[1] == "on" else None
         def rounds():
             for _ in range(5):
@@ -141,3 +144,68 @@ def test_retain_freed_memory_stops_page_faults_on_a_reused_large_buffer():
     pages = 5 * 64 * 2**20 // 4096
     assert faults["off"] > pages // 2, faults  # 4 KiB pages faulted in again each round
     assert faults["on"] < pages // 20, faults
+
+
+def _dropout_kinds(model):
+    return {type(m) for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+def test_cpu_speedups_swap_dropout_for_the_block_only(monkeypatch):
+    """``cpu_speedups`` (what the recipes wrap the loop in): FastDropout and the malloc
+    setting on a CPU run while the block runs, the model's own dropouts back afterwards
+    (also after an error); each switch off on its own; nothing at all off the CPU."""
+    from fastft.train import TrainConfig
+    from fastft.train import runtime
+
+    calls = []
+    monkeypatch.setattr(runtime, "retain_freed_memory", lambda: calls.append(1) or True)  # process-wide: not for real
+    model = _tiny_bert()
+    originals = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Dropout}
+    with runtime.cpu_speedups(model, TrainConfig(device="cpu")) as inside:
+        assert inside is model and _dropout_kinds(model) == {FastDropout} and calls == [1]
+    assert all(dict(model.named_modules())[name] is module for name, module in originals.items())
+    with pytest.raises(RuntimeError, match="inside"):
+        with runtime.cpu_speedups(model, TrainConfig(device="cpu")):
+            assert _dropout_kinds(model) == {FastDropout}
+            raise RuntimeError("inside")
+    assert _dropout_kinds(model) == {torch.nn.Dropout}
+    calls.clear()
+    with runtime.cpu_speedups(model, TrainConfig(device="cpu", fast_dropout=False)):
+        assert _dropout_kinds(model) == {torch.nn.Dropout} and calls == [1]
+    with runtime.cpu_speedups(model, TrainConfig(device="cpu", retain_freed_memory=False)):
+        assert _dropout_kinds(model) == {FastDropout} and calls == [1]
+    with runtime.cpu_speedups(model, TrainConfig(device="meta")):  # not a CPU run
+        assert _dropout_kinds(model) == {torch.nn.Dropout} and calls == [1]
+
+
+def test_the_recipes_not_the_loop_swap_dropout(tmp_path):
+    """``train`` alone keeps the model's dropouts (the engine stays device-agnostic);
+    ``fastft.pretrain`` on a CPU trains with FastDropout and hands the model back with its own."""
+    import fastft
+    from fastft.data import prepare_lm_data, toy_corpus, toy_tokenizer
+    from fastft.train import Callback, TrainConfig, train
+
+    class SeesDropout(Callback):
+        def __init__(self):
+            self.kinds = []
+
+        def on_step_end(self, state, metrics):
+            self.kinds.append(_dropout_kinds(state.model))
+
+    texts = toy_corpus(16, seed=0)
+    tokenizer = toy_tokenizer(texts)
+    quiet = dict(max_steps=1, batch_size=4, device="cpu", fused=False, progress=False, plot=False, export=False)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(bert_config(len(tokenizer), hidden_size=16, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=32,
+                                                     max_position_embeddings=32, dropout=0.1))
+    data, collator = prepare_lm_data(texts, tokenizer, "mlm", block_size=32)
+    seen = SeesDropout()
+    train(model, "mlm", data, collator=collator, config=TrainConfig(output_dir=str(tmp_path / "loop"), **quiet),
+          callbacks=[seen])
+    assert seen.kinds == [{torch.nn.Dropout}]
+    seen = SeesDropout()
+    state = fastft.pretrain(model, tokenizer, texts, "mlm", output_dir=str(tmp_path / "recipe"), block_size=32,
+                            callbacks=[seen], **quiet)
+    assert seen.kinds == [{FastDropout}]
+    assert state.model is model and _dropout_kinds(model) == {torch.nn.Dropout}

@@ -1,4 +1,5 @@
-"""Fine-tuning (fastft/train/finetune.py, tasks.py, guards.py, task_metrics.py).
+"""Fine-tuning: the recipe (fastft/recipes/finetune.py) and its domain (fastft/finetuning/:
+tasks/, strategies.py, guards.py, metrics.py, evaluation.py, bundle.py).
 
 Tiny models pretrained here in a few seconds on the generated toy corpus
 (``fastft.data.toy_corpus``) or on topical documents of the same grammar
@@ -7,7 +8,6 @@ that the loss goes down and the task metric beats the majority class on held-out
 ``fused=False``: the CPU path of the loop (fastft.patch is tested in test_models.py).
 """
 
-import glob
 import math
 import os
 import random
@@ -17,8 +17,23 @@ import torch
 import transformers
 
 from fastft.data import toy_corpus
-from fastft.train.finetune import evaluate_sets, finetune, load_finetuned, predict
-from fastft.train.task_metrics import (
+from fastft.finetuning import (
+    EWC,
+    L2SP,
+    Adapter,
+    ClassificationTask,
+    Features,
+    Freeze,
+    Full,
+    GradualUnfreeze,
+    LoRA,
+    Prompt,
+    Replay,
+    evaluate_sets,
+    load_finetuned,
+    predict,
+)
+from fastft.finetuning.metrics import (
     accuracy,
     bleu,
     classification_report,
@@ -27,9 +42,11 @@ from fastft.train.task_metrics import (
     qa_scores,
     token_f1,
 )
-from fastft.train.tasks import QuestionAnsweringTask, SFTTask, TokenClassificationTask, get_task
+from fastft.finetuning.tasks import QuestionAnsweringTask, SFTTask, TokenClassificationTask, get_task
+from fastft.recipes.finetune import finetune
 
 from _finetune_fixtures import topic_corpus, topic_rows  # tests/_finetune_fixtures.py
+from _tiny_models import bert_config, gpt2_config  # tests/_tiny_models.py
 
 FAST = dict(progress=False, plot=False, fused=False, batch_size=16, save_every=0, log_every=1000)
 BIG = {"enormous", "extraordinary", "unbelievable"}  # adjectives WordPiece splits into several pieces too
@@ -60,10 +77,8 @@ def gpt_tokenizer():
 
 
 def _tiny_bert_config(tokenizer, **extra):
-    return transformers.BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra,
-    )
+    return bert_config(len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       max_position_embeddings=128, dropout=0.0, **extra)
 
 
 def _pretrain_tiny_bert(tokenizer, texts, steps, out, seed=0):
@@ -180,14 +195,14 @@ def test_metric_functions_on_known_values():
 # ------------------------------------------------------------------------ tasks x strategies
 
 
-# strategy: (options, lr, epochs), what a user would pass for a tiny model.
+# strategy name: (strategy, lr, epochs), what a user would pass for a tiny model.
 TOPIC_RUNS = {
-    "full": ({}, 1e-2, 6),
-    "gradual-unfreeze": ({}, 1e-2, 8),
-    "features": ({}, 1e-2, 10),  # a linear head on frozen features: cheap epochs
-    "freeze": ({"train_last": 1}, 1e-2, 6),
-    "lora": ({"rank": 4}, 1e-2, 6),
-    "adapter": ({"bottleneck_size": 8}, 1e-2, 6),
+    "full": (Full(), 1e-2, 6),
+    "gradual-unfreeze": (GradualUnfreeze(), 1e-2, 8),
+    "features": (Features(), 1e-2, 10),  # a linear head on frozen features: cheap epochs
+    "freeze": (Freeze(train_last=1), 1e-2, 6),
+    "lora": (LoRA(rank=4), 1e-2, 6),
+    "adapter": (Adapter(bottleneck_size=8), 1e-2, 6),
 }
 
 
@@ -201,15 +216,15 @@ def _topic_run(path, tokenizer, output_dir, strategy, seed):
     """Fine-tune ``path`` with ``strategy`` on the topic task; returns (result, validation
     loss of the fresh head before training). "test" rows select nothing (the best
     checkpoint is chosen on "validation")."""
-    options, lr, epochs = TOPIC_RUNS[strategy]
+    strategy, lr, epochs = TOPIC_RUNS[strategy]
     data = {"train": topic_rows(160, seed), "validation": topic_rows(80, seed + 1), "test": topic_rows(80, seed + 31)}
     torch.manual_seed(seed)  # the fresh head (and LoRA / adapter weights)
     model = seq_model(path)
     task = get_task("classification")
     task.fit_labels(data["train"])
     loss_before = evaluate_sets(model, tokenizer, task, {"validation": data["validation"]})["validation"]["loss"]
-    result = finetune(model, tokenizer, data, task="classification", strategy=strategy, strategy_options=options,
-                      output_dir=str(output_dir), epochs=epochs, lr=lr, save=False, **FAST)
+    result = finetune(model, tokenizer, data, task="classification", strategy=strategy, output_dir=str(output_dir),
+                      epochs=epochs, lr=lr, save=False, **FAST)
     return result, loss_before
 
 
@@ -244,13 +259,13 @@ def test_sequence_classification_learns(topic_bert, bert_tokenizer, tmp_path, st
 # Gradual unfreezing is not run here: it stayed at chance on about one draw of toy_tokenizer's
 # vocabulary in eight (measured; 10 epochs instead of 8 did not help), while on the topic
 # task above it passed every draw tried.
-@pytest.mark.parametrize("strategy,options,lr,epochs", [("full", {}, 1e-2, 6)])
-def test_size_classification_learns(pretrained_bert, bert_tokenizer, tmp_path, strategy, options, lr, epochs):
+@pytest.mark.parametrize("strategy,lr,epochs", [(Full(), 1e-2, 6)], ids=["full"])
+def test_size_classification_learns(pretrained_bert, bert_tokenizer, tmp_path, strategy, lr, epochs):
     data = {"train": size_rows(160, 1), "validation": size_rows(80, 2), "test": size_rows(80, 32)}
     torch.manual_seed(0)
     model = seq_model(pretrained_bert)
-    result = finetune(model, bert_tokenizer, data, task="classification", strategy=strategy, strategy_options=options,
-                      output_dir=str(tmp_path), epochs=epochs, lr=lr, save=False, **FAST)
+    result = finetune(model, bert_tokenizer, data, task="classification", strategy=strategy, output_dir=str(tmp_path),
+                      epochs=epochs, lr=lr, save=False, **FAST)
     losses = [h["loss"] for h in result.history if h["set"] == "validation"]
     assert losses[-1] < losses[0]
     # scored on rows that selected nothing (the best checkpoint is chosen on "validation")
@@ -279,27 +294,28 @@ def test_gradual_unfreezing_in_a_run(pretrained_bert, bert_tokenizer, tmp_path):
             assert changed, name
 
 
-@pytest.mark.parametrize("strategy,options", [("features", {}), ("freeze", {"train_last": 1}), ("lora", {"rank": 4}),
-                                              ("adapter", {"bottleneck_size": 8})])
-def test_frozen_backbone_stays_bitwise_unchanged(pretrained_bert, bert_tokenizer, tmp_path, strategy, options):
+@pytest.mark.parametrize("strategy", [Features(), Freeze(train_last=1), LoRA(rank=4), Adapter(bottleneck_size=8)],
+                         ids=["features", "freeze", "lora", "adapter"])
+def test_frozen_backbone_stays_bitwise_unchanged(pretrained_bert, bert_tokenizer, tmp_path, strategy):
     data = {"train": size_rows(48, 1), "validation": size_rows(16, 2)}
     model = seq_model(pretrained_bert)
     before = params_copy(model)
-    result = finetune(model, bert_tokenizer, data, strategy=strategy, strategy_options=options, output_dir=str(tmp_path),
-                      epochs=2, lr=1e-2, save=False, **FAST)
+    result = finetune(model, bert_tokenizer, data, strategy=strategy, output_dir=str(tmp_path), epochs=2, lr=1e-2,
+                      save=False, **FAST)
+    assert result.strategy is strategy
     after = dict(result.model.named_parameters())
     checked = 0
     for name, value in before.items():
         if name.startswith("classifier."):
             assert not torch.equal(after[name], value), name  # the head trained
             continue
-        if strategy == "freeze" and not name.startswith(("bert.embeddings.", "bert.encoder.layer.0.")):
+        if strategy.name == "freeze" and not name.startswith(("bert.embeddings.", "bert.encoder.layer.0.")):
             continue  # the last layer and the pooler train
         base = name if name in after else name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         if base in after:
             assert torch.equal(after[base], value), name
             checked += 1
-    assert checked >= (len(before) - 8 if strategy != "freeze" else 10)
+    assert checked >= (len(before) - 8 if strategy.name != "freeze" else 10)
     assert math.isfinite(result.metrics["validation"]["loss"])
 
 
@@ -400,7 +416,7 @@ def test_extractive_qa_learns(pretrained_bert, bert_tokenizer, tmp_path):
     # sentence" heuristic (exact match = the first-three-words guess) before it overfitted.
     data = {"train": qa_rows(480, 13), "validation": qa_rows(48, 14), "test": qa_rows(64, 41)}
     model = transformers.BertForQuestionAnswering.from_pretrained(pretrained_bert)
-    result = finetune(model, bert_tokenizer, data, task="qa", task_options={"max_length": 32, "stride": 8},
+    result = finetune(model, bert_tokenizer, data, task=QuestionAnsweringTask(max_length=32, stride=8),
                       output_dir=str(tmp_path), epochs=8, lr=5e-3, save=False, **FAST)
     losses = [h["loss"] for h in result.history if h["set"] == "validation"]
     assert losses[-1] < 0.9 * losses[0]
@@ -415,9 +431,9 @@ def test_extractive_qa_learns(pretrained_bert, bert_tokenizer, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_gpt(gpt_tokenizer):
-    config = transformers.GPT2Config(vocab_size=len(gpt_tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     bos_token_id=gpt_tokenizer.bos_token_id, eos_token_id=gpt_tokenizer.eos_token_id)
+    config = gpt2_config(len(gpt_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=128, dropout=0.0, bos_token_id=gpt_tokenizer.bos_token_id,
+                         eos_token_id=gpt_tokenizer.eos_token_id)
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(config)
 
@@ -449,9 +465,8 @@ def test_prompt_tuning_sft_runs(gpt_tokenizer, tiny_gpt, tmp_path):
     model = copy.deepcopy(tiny_gpt)
     data = {"train": sft_rows(32, 19), "validation": sft_rows(8, 20)}
     before = params_copy(model)
-    result = finetune(model, gpt_tokenizer, data, task="sft", strategy="prompt",
-                      strategy_options={"num_virtual_tokens": 4}, output_dir=str(tmp_path), epochs=2, lr=3e-2,
-                      generate=False, save=False, **FAST)
+    result = finetune(model, gpt_tokenizer, data, task="sft", strategy=Prompt(num_virtual_tokens=4),
+                      output_dir=str(tmp_path), epochs=2, lr=3e-2, generate=False, save=False, **FAST)
     history = [h["loss"] for h in result.history]
     assert history[-1] < history[0]
     after = dict(result.model.named_parameters())
@@ -465,11 +480,12 @@ def test_l2sp_and_replay_reduce_forgetting(pretrained_bert, bert_tokenizer, tmp_
     data = {"train": size_rows(96, 21), "validation": size_rows(32, 22)}
     texts = {"train": unlabeled(120, 23), "validation": unlabeled(30, 24)}
     increases = {}
-    for guard, options in [(None, {}), ("l2sp", {"alpha": 1.0}), ("replay", {"fraction": 1.0})]:
+    for guard in [None, L2SP(alpha=1.0), Replay(fraction=1.0)]:
+        name = guard.name if guard is not None else None
         result = finetune(seq_model(pretrained_bert), bert_tokenizer, data, strategy="full", guard=guard,
-                          guard_options=options, pretraining_data=texts, lm_model=transformers.BertForMaskedLM.from_pretrained(pretrained_bert),
-                          output_dir=str(tmp_path / str(guard)), epochs=3, lr=1e-2, save=False, **FAST)
-        increases[guard] = result.forgetting["increase"]
+                          pretraining_data=texts, lm_model=transformers.BertForMaskedLM.from_pretrained(pretrained_bert),
+                          output_dir=str(tmp_path / str(name)), epochs=3, lr=1e-2, save=False, **FAST)
+        increases[name] = result.forgetting["increase"]
         before = result.forgetting["perplexity_before"]
     assert increases[None] > 0.2 * before  # a high learning rate forgets ...
     assert increases["l2sp"] < 0.5 * increases[None], increases  # ... much less with L2-SP
@@ -481,7 +497,7 @@ def test_ewc_fisher_is_the_mean_squared_batch_gradient(pretrained_bert, bert_tok
     batch the gradient of the mean masked-LM loss (eval mode), squared, averaged over the
     batches, divided by its mean over every backbone element; and the penalty it adds is
     λ/2 · Σ F (w − w⁰)² over the parameters that train."""
-    from fastft.train.guards import EWCGuard, _lm_batches, _mean_lm_loss, lm_view
+    from fastft.finetuning.guards import EWCGuard, _lm_batches, _mean_lm_loss, lm_view
 
     model = seq_model(pretrained_bert)
     model.classifier.requires_grad_(False)
@@ -531,12 +547,12 @@ def test_ewc_reduces_forgetting(pretrained_bert, bert_tokenizer, tmp_path):
     data = {"train": size_rows(96, 21), "validation": size_rows(32, 22)}
     texts = {"train": unlabeled(120, 23), "validation": unlabeled(30, 24)}
     increases = {}
-    for guard, options in [(None, {}), ("ewc", {"strength": 1.0, "num_batches": 4})]:
+    for guard in [None, EWC(strength=1.0, num_batches=4)]:
+        name = guard.name if guard is not None else None
         result = finetune(seq_model(pretrained_bert), bert_tokenizer, data, strategy="full", guard=guard,
-                          guard_options=options, pretraining_data=texts,
-                          lm_model=transformers.BertForMaskedLM.from_pretrained(pretrained_bert),
-                          output_dir=str(tmp_path / str(guard)), epochs=3, lr=1e-2, save=False, **FAST)
-        increases[guard] = result.forgetting["increase"]
+                          pretraining_data=texts, lm_model=transformers.BertForMaskedLM.from_pretrained(pretrained_bert),
+                          output_dir=str(tmp_path / str(name)), epochs=3, lr=1e-2, save=False, **FAST)
+        increases[name] = result.forgetting["increase"]
         before = result.forgetting["perplexity_before"]
     assert increases[None] > 0.2 * before  # a high learning rate forgets ...
     assert increases["ewc"] < 0.5 * increases[None], increases  # ... much less with EWC
@@ -545,11 +561,12 @@ def test_ewc_reduces_forgetting(pretrained_bert, bert_tokenizer, tmp_path):
 # ------------------------------------------------------------------------ saving and predicting
 
 
-@pytest.mark.parametrize("strategy,options", [("full", {}), ("lora", {"rank": 2}), ("freeze", {"train_last": 1, "extra_layers": 1})])
-def test_bundle_round_trip(pretrained_bert, bert_tokenizer, tmp_path, strategy, options):
+@pytest.mark.parametrize("strategy", [Full(), LoRA(rank=2), Freeze(train_last=1, extra_layers=1)],
+                         ids=["full", "lora", "freeze"])
+def test_bundle_round_trip(pretrained_bert, bert_tokenizer, tmp_path, strategy):
     data = {"train": size_rows(32, 25), "validation": size_rows(8, 26)}
-    result = finetune(seq_model(pretrained_bert), bert_tokenizer, data, strategy=strategy, strategy_options=options,
-                      output_dir=str(tmp_path), epochs=1, lr=1e-3, **FAST)
+    result = finetune(seq_model(pretrained_bert), bert_tokenizer, data, strategy=strategy, output_dir=str(tmp_path),
+                      epochs=1, lr=1e-3, **FAST)
     files = os.listdir(result.save_path)
     assert {"fastft_finetune.json", "finetuned.safetensors", "config.json", "tokenizer.json"} <= set(files)
     texts = [r["text"] for r in data["validation"]]
@@ -569,20 +586,20 @@ def test_bad_input_is_refused_before_training(pretrained_bert, bert_tokenizer, g
     run = dict(output_dir=str(tmp_path / "never"), epochs=2, **FAST)
     with pytest.raises(ValueError, match=r"outside the configured classes \['big', 'small'\].*'huge'"):
         finetune(seq_model(pretrained_bert), bert_tokenizer, {"train": rows, "validation": rows + [{"text": "x", "label": "huge"}]},
-                 labels=["big", "small"], **run)
+                 task=ClassificationTask(labels=["big", "small"]), **run)
     with pytest.raises(ValueError, match="span head"):
         finetune(tiny_gpt, gpt_tokenizer, qa_rows(8, 28), task="qa", **run)
     with pytest.raises(ValueError, match=r"lacks \['label'\]"):
         finetune(seq_model(pretrained_bert), bert_tokenizer, [{"text": "a dog ."}], **run)
     with pytest.raises(ValueError, match="only 3 layer groups"):
-        finetune(seq_model(pretrained_bert), bert_tokenizer, rows, strategy="gradual-unfreeze",
-                 strategy_options={"unfreeze_schedule": [1, 2, 3, 4]}, **dict(run, epochs=9))
+        finetune(seq_model(pretrained_bert), bert_tokenizer, rows, strategy=GradualUnfreeze(schedule=[1, 2, 3, 4]),
+                 **dict(run, epochs=9))
     with pytest.raises(ValueError, match="head has 2 output"):
         finetune(seq_model(pretrained_bert), bert_tokenizer, [{"text": r["text"], "label": i % 3} for i, r in enumerate(rows)],
-                 labels=["a", "b", "c"], **run)
+                 task=get_task("classification", labels=["a", "b", "c"]), **run)
     with pytest.raises(ValueError, match="needs unlabeled pretraining text"):
         finetune(seq_model(pretrained_bert), bert_tokenizer, rows, guard="replay", **run)
-    with pytest.raises(ValueError, match="strategy must be one of"):
+    with pytest.raises(ValueError, match=r"unknown strategy 'everything'; choose one of \["):
         finetune(seq_model(pretrained_bert), bert_tokenizer, rows, strategy="everything", **run)
     with pytest.raises(ValueError, match="causal language model"):
         finetune(seq_model(pretrained_bert), bert_tokenizer, sft_rows(4, 29), task="sft", **run)
@@ -629,17 +646,17 @@ def mixed_review_rows(n, seed):
     return rows
 
 
-# strategy: (options, lr, epochs, extra overrides), tried on five draws of the data (seeds
+# strategy name: (strategy, lr, epochs, extra overrides), tried on five draws of the data (seeds
 # 30-110). The loss of this task stays flat for a while, then drops suddenly: full
 # fine-tuning and LoRA (every linear layer, rank 8) use a constant rate (a decaying one
 # often ends before the drop; higher rates sometimes never get there); gradual unfreezing
 # (one more group per epoch from the top, ULMFiT) needs a higher, decaying rate and 8
 # epochs, the first ones cheap (1e-3 / 7 epochs stayed at chance on one draw in five).
 MINILM_RUNS = {
-    "features": ({}, 1e-2, 3, {}),
-    "full": ({}, 1e-4, 4, {"schedule__name": "constant"}),
-    "lora": ({"rank": 8}, 2e-3, 5, {"schedule__name": "constant"}),
-    "gradual-unfreeze": ({}, 1.5e-3, 8, {}),
+    "features": (Features(), 1e-2, 3, {}),
+    "full": (Full(), 1e-4, 4, {"schedule__name": "constant"}),
+    "lora": (LoRA(rank=8), 2e-3, 5, {"schedule__name": "constant"}),
+    "gradual-unfreeze": (GradualUnfreeze(), 1.5e-3, 8, {}),
 }
 
 
@@ -663,15 +680,15 @@ def _minilm_accuracies(minilm, tmp_path, *, n_train, n_heldout, strategies=tuple
     base, tokenizer = minilm
     train_rows, heldout = mixed_review_rows(n_train, seed), mixed_review_rows(n_heldout, seed + 1)
     accuracies, majority = {}, None
-    for strategy in strategies:
-        options, lr, epochs, extra = MINILM_RUNS[strategy]
+    for name in strategies:
+        strategy, lr, epochs, extra = MINILM_RUNS[name]
         model = copy.deepcopy(base)
         torch.manual_seed(0)
         model.classifier.reset_parameters()
-        result = finetune(model, tokenizer, {"train": train_rows}, strategy=strategy, strategy_options=options,
-                          task_options={"max_length": 32}, output_dir=str(tmp_path / strategy), epochs=epochs,
-                          lr=lr, save=False, **{**FAST, **extra})
-        accuracies[strategy] = evaluate_sets(result.model, tokenizer, result.task, {"heldout": heldout})["heldout"]["accuracy"]
+        result = finetune(model, tokenizer, {"train": train_rows}, task=ClassificationTask(max_length=32),
+                          strategy=strategy, output_dir=str(tmp_path / name), epochs=epochs, lr=lr, save=False,
+                          **{**FAST, **extra})
+        accuracies[name] = evaluate_sets(result.model, tokenizer, result.task, {"heldout": heldout})["heldout"]["accuracy"]
         majority = result.task.majority_score(train_rows, heldout)
     return accuracies, majority
 

@@ -8,14 +8,13 @@ import transformers
 
 from fastft.models.first_token import first_token_last_layer
 
-NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+from _tiny_models import bert_config, electra_config, gpt2_config, roberta_config  # tests/_tiny_models.py
 
 
 def tiny_config(kind, **extra):
-    config_class = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
-                    "electra": transformers.ElectraConfig}[kind]
-    return config_class(vocab_size=97, hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=40,
-                        max_position_embeddings=64, num_labels=3, **NO_DROPOUT, **extra)
+    builder = {"bert": bert_config, "roberta": roberta_config, "electra": electra_config}[kind]
+    return builder(97, hidden_size=24, num_hidden_layers=3, num_attention_heads=2, intermediate_size=40,
+                   max_position_embeddings=64, dropout=0.0, num_labels=3, **extra)
 
 
 def padded_batch(batch=5, length=13, vocab=97, seed=0):
@@ -99,7 +98,8 @@ def test_a_masked_lm_sharing_the_backbone_sees_the_full_layer():
 
 
 def test_models_whose_head_reads_other_positions_are_left_alone():
-    config = transformers.GPT2Config(vocab_size=97, n_embd=24, n_layer=2, n_head=2, n_positions=64, num_labels=2)
+    config = gpt2_config(97, hidden_size=24, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                         dropout=0.1, num_labels=2)
     cut, reason = first_token_last_layer(transformers.GPT2ForSequenceClassification(config))
     assert cut is None and "not a known first-token classifier" in reason
     cut, reason = first_token_last_layer(transformers.BertForTokenClassification(tiny_config("bert")))
@@ -109,15 +109,15 @@ def test_models_whose_head_reads_other_positions_are_left_alone():
 def test_finetune_with_and_without_the_cut_trains_the_same_model(tmp_path):
     """End to end through fastft.finetune (no dropout, same seed): the same weights."""
     from fastft.data import toy_corpus, toy_tokenizer
-    from fastft.train.finetune import finetune
+    from fastft.recipes.finetune import finetune
 
     tokenizer = toy_tokenizer()
     rows = [{"text": s, "label": int("fox" in s)} for s in toy_corpus(48, seed=5, max_sentences=2)]
     results = {}
     for cut in (False, True):
         torch.manual_seed(0)
-        config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, intermediate_size=48, num_labels=2, **NO_DROPOUT)
+        config = bert_config(len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=48, max_position_embeddings=512, dropout=0.0, num_labels=2)
         model = transformers.BertForSequenceClassification(config)
         results[cut] = finetune(model, tokenizer, {"train": rows[:40], "validation": rows[40:]}, strategy="full",
                                 cut_last_layer=cut, output_dir=str(tmp_path / str(cut)), epochs=2, batch_size=8,

@@ -19,6 +19,8 @@ import fastft  # noqa: E402
 import fastft.models  # noqa: E402  (registers "fastft")
 from fastft.models import attention as fastft_attention  # noqa: E402
 
+from _tiny_models import bert_config, gpt2_config, llama_config, mistral_config, roberta_config  # noqa: E402
+
 ATOL = 1e-5
 VOCAB = 113  # odd, so no size is a power of two
 
@@ -49,20 +51,15 @@ def op_calls(monkeypatch):
 
 
 def _config(family):
-    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    sizes = dict(num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
     if family == "bert":
-        return transformers.BertConfig(hidden_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                       attention_probs_dropout_prob=0.0, **common)
+        return bert_config(VOCAB, hidden_size=32, intermediate_size=37, dropout=0.0, **sizes)
     if family == "roberta":
-        return transformers.RobertaConfig(hidden_size=32, max_position_embeddings=64, pad_token_id=1,
-                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common)
+        return roberta_config(VOCAB, hidden_size=32, intermediate_size=37, dropout=0.0, pad_token_id=1, **sizes)
     if family == "gpt2":
-        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, n_positions=64,
-                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                       bos_token_id=0, eos_token_id=0)
+        return gpt2_config(VOCAB, hidden_size=48, dropout=0.0, bos_token_id=0, eos_token_id=0, **sizes)
     if family == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
-        return transformers.LlamaConfig(hidden_size=64, num_key_value_heads=2, max_position_embeddings=64,
-                                        pad_token_id=0, **common)
+        return llama_config(VOCAB, hidden_size=64, num_key_value_heads=2, intermediate_size=37, pad_token_id=0, **sizes)
     raise ValueError(family)
 
 
@@ -310,9 +307,8 @@ def test_inexpressible_4d_mask_falls_back_with_reason(op_calls):
 
 def test_sliding_window_falls_back_with_reason(op_calls):
     torch.manual_seed(8)
-    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
-                                        sliding_window=3)
+    config = mistral_config(VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=37, max_position_embeddings=64, sliding_window=3)
     plain = transformers.MistralForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
     fast = copy.deepcopy(plain)
     with warnings.catch_warnings():

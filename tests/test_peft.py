@@ -14,6 +14,8 @@ import fastft.peft as fp
 from fastft.nn import LoRALinear
 from fastft.ops.lora_linear import lora_linear
 
+from _tiny_models import bert_config, distilbert_config, gpt2_config, llama_config, roberta_config  # tests/_tiny_models.py
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -21,22 +23,21 @@ VOCAB = 61
 
 
 def tiny_bert():
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=37, max_position_embeddings=64, num_labels=3,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.2)
+    config = bert_config(VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                         max_position_embeddings=64, dropout=0.0, num_labels=3, initializer_range=0.2)
     return transformers.BertForSequenceClassification(config)
 
 
 def tiny_gpt2():
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                     bos_token_id=0, eos_token_id=0, initializer_range=0.3)
+    config = gpt2_config(VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                         dropout=0.1, bos_token_id=0, eos_token_id=0, initializer_range=0.3)
     return transformers.GPT2LMHeadModel(config)
 
 
 def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=0.3)
+    config = llama_config(VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=37, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                          pad_token_id=0, initializer_range=0.3)
     return transformers.LlamaForCausalLM(config)
 
 
@@ -251,10 +252,9 @@ def test_adapter_follows_lora_when_both_are_applied():
 
 
 def tiny_roberta():
-    config = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=37, max_position_embeddings=64, num_labels=3,
-                                        pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                        initializer_range=0.2)
+    config = roberta_config(VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                            max_position_embeddings=64, dropout=0.0, num_labels=3, pad_token_id=0,
+                            initializer_range=0.2)
     return transformers.RobertaForSequenceClassification(config)
 
 
@@ -469,9 +469,9 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"alpha=3, use_rslora=False; the file's config says alpha=16"):
         fp.load_adapter(other_alpha, tmp_path / "rank4")
     # Same architecture, other width: refused before anything is changed.
-    wider = transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=64, num_labels=3))
+    wider = transformers.BertForSequenceClassification(bert_config(
+        VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=64, dropout=0.1, num_labels=3))
     with pytest.raises(ValueError, match=r"shape mismatch for .*layer\.0\.attention\.self\.query\.lora_A\.weight.*"
                                          r"expects \(4, 48\), the file has \(4, 32\)"):
         fp.load_adapter(wider, tmp_path / "rank4")
@@ -488,8 +488,9 @@ def test_bad_input_errors(tmp_path):
         fp.load_adapter(tiny_bert(), tmp_path / "missing")
 
     with pytest.raises(NotImplementedError, match="DistilBertForSequenceClassification.*'distilbert'"):
-        distil = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
-            vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, hidden_dim=37, max_position_embeddings=64))
+        distil = transformers.DistilBertForSequenceClassification(distilbert_config(
+            VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+            max_position_embeddings=64, dropout=0.1))
         fp.apply(distil, "prefix", num_virtual_tokens=2)
     with pytest.raises(ValueError, match="num_virtual_tokens"):
         fp.apply(tiny_gpt2(), "prompt", num_virtual_tokens=0)

@@ -16,7 +16,9 @@ import torch
 import yaml
 
 import fastft
+from fastft import cli
 from fastft.data import MaskedLMCollator, prepare_lm_data, toy_corpus, toy_tokenizer
+from fastft.recipes.pretrain import PretrainConfig
 from fastft.train import (
     SCHEDULES,
     Callback,
@@ -33,9 +35,10 @@ from fastft.train import (
     train,
 )
 from fastft.train import checkpoint as checkpoint_module
-from fastft.train import cli
 from fastft.train.config import apply_overrides, resolve_kwarg_overrides
-from fastft.train.loop import maybe_patch
+from fastft.train.runtime import maybe_patch
+
+from _tiny_models import bert_config, gpt2_config, llama_config, roberta_config  # tests/_tiny_models.py
 
 datasets.disable_progress_bars()
 transformers = pytest.importorskip("transformers")
@@ -61,63 +64,29 @@ def gpt_tokenizer(corpus):
 
 
 def tiny_bert(tokenizer, cls=None, dropout=0.1, **overrides):
-    config = transformers.BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        pad_token_id=tokenizer.pad_token_id,
-        **overrides,
-    )
+    config = bert_config(len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64, dropout=dropout, pad_token_id=tokenizer.pad_token_id, **overrides)
     return (cls or transformers.BertForMaskedLM)(config)
 
 
 def tiny_gpt2(tokenizer, dropout=0.1):
-    config = transformers.GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = gpt2_config(len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=64, dropout=dropout, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
     return transformers.GPT2LMHeadModel(config)
 
 
 def tiny_roberta(tokenizer):
-    config = transformers.RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=66,  # RoBERTa positions start after the padding index
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = roberta_config(len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            max_position_embeddings=66,  # RoBERTa positions start after the padding index
+                            dropout=0.1, pad_token_id=tokenizer.pad_token_id)
     return transformers.RobertaForMaskedLM(config)
 
 
 def tiny_llama(tokenizer):
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = llama_config(len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                          intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     return transformers.LlamaForCausalLM(config)
 
 
@@ -482,14 +451,17 @@ def test_schedules_and_registry():
 def test_yaml_config_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"max_steps": 5, "optim": {"lr": 1, "betas": [0.8, 0.9]}, "data": {"block_size": 64}}))
-    config = load_config(str(path), ["optim.lr=3e-4", "data.packing=false", "resume=null", "schedule.options={every: 3}"])
+    config = load_config(str(path), ["optim.lr=3e-4", "data.packing=false", "resume=null", "schedule.options={every: 3}"],
+                         cls=PretrainConfig)
     assert config.max_steps == 5 and config.optim.lr == 3e-4 and isinstance(config.optim.lr, float)
     assert config.optim.betas == (0.8, 0.9) and config.data.block_size == 64 and config.data.packing is False
     assert config.schedule.options == {"every": 3} and config.resume is None
-    assert load_config(str(path)).optim.lr == 1.0  # int in YAML, float field
+    assert load_config(str(path), cls=PretrainConfig).optim.lr == 1.0  # int in YAML, float field
+    with pytest.raises(KeyError, match=r"unknown config key\(s\) \['data'\]"):
+        load_config(str(path))  # the engine's TrainConfig has no data section: that is pretraining's
 
     with pytest.raises(KeyError, match=r"valid keys under optim: \['lr'"):
-        load_config(str(path), ["optim.learning_rate=1"])
+        load_config(str(path), ["optim.learning_rate=1"], cls=PretrainConfig)
     path.write_text("batchsize: 3\n")
     with pytest.raises(KeyError, match=r"'batchsize'.*valid keys.*'batch_size'"):
         load_config(str(path))
@@ -498,9 +470,14 @@ def test_yaml_config_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="precision"):
         load_config(None, ["precision=fp8"])
 
-    assert resolve_kwarg_overrides(TrainConfig(), {"lr": 1, "optim__eps": 2, "max_steps": 3, "block_size": 4}) == {
+    assert resolve_kwarg_overrides(PretrainConfig(), {"lr": 1, "optim__eps": 2, "max_steps": 3, "block_size": 4}) == {
         "optim.lr": 1, "optim.eps": 2, "max_steps": 3, "data.block_size": 4,
     }
+    assert resolve_kwarg_overrides(TrainConfig(), {"lr": 1, "optim__eps": 2, "max_steps": 3}) == {
+        "optim.lr": 1, "optim.eps": 2, "max_steps": 3,
+    }
+    with pytest.raises(KeyError, match="unknown"):
+        resolve_kwarg_overrides(TrainConfig(), {"block_size": 4})  # the loop's config knows no data section
     with pytest.raises(KeyError, match="unknown"):
         resolve_kwarg_overrides(TrainConfig(), {"learning_rate": 1})
 
@@ -523,7 +500,7 @@ def test_cli_pretrain_eval_and_hf_export(tmp_path, corpus, bert_tokenizer, capsy
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
 
-    assert cli.main("pretrain", ["--config", str(tmp_path / "run.yaml"), "max_steps=3", "optim.lr=1e-3"]) == 0
+    assert cli.main(["pretrain", "--config", str(tmp_path / "run.yaml"), "max_steps=3", "optim.lr=1e-3"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["step"] == 3 and math.isfinite(summary["eval"]["loss"])
     final = tmp_path / "run" / "final"
@@ -539,51 +516,54 @@ def test_cli_pretrain_eval_and_hf_export(tmp_path, corpus, bert_tokenizer, capsy
     exported.eval(), checkpointed.eval()
     assert torch.equal(exported(ids).logits, checkpointed(ids).logits)
 
-    assert cli.main("eval", ["--model", str(final), "--data", str(tmp_path / "held_out.txt"), "--block-size", "48"]) == 0
+    assert cli.main(["eval", "--model", str(final), "--data", str(tmp_path / "held_out.txt"), "--block-size", "48"]) == 0
     result = json.loads(capsys.readouterr().out)
     expected = evaluate(exported, str(tmp_path / "held_out.txt"), "mlm", tokenizer=bert_tokenizer, block_size=48)
     assert result["objective"] == "mlm" and result["loss"] == pytest.approx(expected["loss"])
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
 
-    assert cli.main("pretrain", ["--config", str(tmp_path / "run.yaml"), "optim.rate=1"]) == 2
-    assert "valid keys under optim" in capsys.readouterr().err
+    assert cli.main(["pretrain", "--config", str(tmp_path / "run.yaml"), "optim.rate=1"]) == 2
+    assert capsys.readouterr().err.startswith("fastft pretrain: unknown config key 'optim.rate'; valid keys under optim")
+    # the recipe's own main raises (fastft.cli reports it); --debug lets it through
+    from fastft.recipes.pretrain import main as pretrain_main
+
+    with pytest.raises(KeyError, match="valid keys under optim"):
+        pretrain_main(["--config", str(tmp_path / "run.yaml"), "optim.rate=1"])
+    with pytest.raises(KeyError, match="valid keys under optim"):
+        cli.main(["--debug", "pretrain", "--config", str(tmp_path / "run.yaml"), "optim.rate=1"])
     for command in ("finetune", "predict"):  # their required arguments are named
         with pytest.raises(SystemExit) as exit_info:
-            cli.main(command, [])
+            cli.main([command])
         assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err
 
 
 def test_cli_finetune_and_predict_name_missing_files(tmp_path, capsys):
-    from fastft.train import cli
-
-    assert cli.main("predict", ["--model", str(tmp_path / "not-a-bundle"), "some text"]) == 2
+    assert cli.main(["predict", "--model", str(tmp_path / "not-a-bundle"), "some text"]) == 2
     assert "not a fastft fine-tuning bundle" in capsys.readouterr().err
-    assert cli.main("finetune", ["--model", str(tmp_path), "--train", str(tmp_path / "missing.jsonl")]) == 2
+    assert cli.main(["finetune", "--model", str(tmp_path), "--train", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
 
 
 def test_cli_eval_scores_a_finetuned_bundle_on_labelled_sets(tmp_path, capsys):
     """`fastft eval` on a bundle gives the same task metrics as the run that saved it."""
-    from fastft.data import toy_corpus, toy_tokenizer
-    from fastft.train import cli
-    from fastft.train.finetune import finetune
+    from fastft.recipes.finetune import finetune
 
     tokenizer = toy_tokenizer()
     rows = [{"text": s, "label": "fox" if "fox" in s else "other"} for s in toy_corpus(40, seed=3, max_sentences=1)]
-    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, num_labels=2)
+    config = bert_config(len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=512, dropout=0.1, num_labels=2)
     torch.manual_seed(0)
     result = finetune(transformers.BertForSequenceClassification(config), tokenizer, {"train": rows[:28], "dev": rows[28:]},
                       output_dir=str(tmp_path / "run"), epochs=1, batch_size=8, fused=False, progress=False, plot=False)
     with open(tmp_path / "dev.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows[28:])
     capsys.readouterr()
-    assert cli.main("eval", ["--model", result.save_path, "--data", f"held-out={tmp_path / 'dev.jsonl'}"]) == 0
+    assert cli.main(["eval", "--model", result.save_path, "--data", f"held-out={tmp_path / 'dev.jsonl'}"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["task"] == "classification"
     for metric in ("accuracy", "macro_f1", "loss"):
         assert printed["sets"]["held-out"][metric] == pytest.approx(result.metrics["dev"][metric], rel=1e-5), metric
     with open(tmp_path / "bad.jsonl", "w") as f:
         f.write(json.dumps({"text": "a fox .", "label": "huge"}) + "\n")
-    assert cli.main("eval", ["--model", result.save_path, "--data", str(tmp_path / "bad.jsonl")]) == 2
+    assert cli.main(["eval", "--model", result.save_path, "--data", str(tmp_path / "bad.jsonl")]) == 2
     assert "outside the configured classes" in capsys.readouterr().err
