@@ -10,7 +10,7 @@ weight decay 0.01, clip 1.0, linear schedule), same initial weights:
                       parameter instead of the for-loop's ~6 on a CPU), the last layer
                       run for the [CLS] position only (``fastft.models.first_token``),
                       the loop's CPU settings (``FastDropout`` masks, malloc keeping the
-                      embedding gradient's memory; ``fastft.train.loop``).
+                      embedding gradient's memory; ``fastft.train.runtime.cpu_speedups``).
                       ``fused=False``: fastft.patch's kernels are a GPU matter.
   plain (max_length)  transformers + torch loop, the tokenizer padding every example to
                       ``max_length`` (what the common tutorials do)
@@ -98,20 +98,18 @@ class _EpochTimer:
 
 
 def _fastft_run(path, tokenizer, train_rows, eval_rows, *, epochs, batch_size, lr, max_length, seed):
-    from fastft.train.finetune import finetune
-    from fastft.train.tasks import rows_of  # noqa: F401  (documented import path)
+    from fastft import finetune
+    from fastft.finetuning import ClassificationTask, evaluate_sets
 
     torch.manual_seed(seed)
     timer = _EpochTimer()
     # No evaluation set during training: epochs are pure training time; accuracy after.
-    result = finetune(path, tokenizer, {"train": train_rows}, task="classification", strategy="full",
-                      task_options={"max_length": max_length}, labels=[0, 1], epochs=epochs, batch_size=batch_size,
+    result = finetune(path, tokenizer, {"train": train_rows}, task=ClassificationTask(labels=[0, 1], max_length=max_length),
+                      strategy="full", epochs=epochs, batch_size=batch_size,
                       lr=lr, seed=seed, fused=False, progress=False, plot=False, save=False, log_every=10_000,
                       device="cpu",  # the plain loops run on the CPU too, also on a GPU machine
                       output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastft-bench-finetune"),
                       callbacks=[timer.callback])
-    from fastft.train.finetune import evaluate_sets
-
     metrics = evaluate_sets(result.model, tokenizer, result.task, {"validation": eval_rows}, batch_size=32)
     return timer.per_epoch(), metrics["validation"]["accuracy"]
 

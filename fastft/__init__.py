@@ -11,23 +11,27 @@ __version__ = "0.1.0"
 from fastft import ops  # noqa: E402
 from fastft.ops import attention, linear_cross_entropy, lora_linear  # noqa: E402
 
-# Heavier entry points (they import transformers / datasets) load on first use.
+# Heavier entry points (they import transformers / datasets) load on first use:
+# name -> (module, attribute of it; None: the module itself).
 _LAZY = {
-    "patch": "fastft.models",
-    "unpatch": "fastft.models",
-    "pretrain": "fastft.train",
-    "finetune": "fastft.train",
-    "evaluate": "fastft.train",
-    "predict": "fastft.train",
-    "peft": "fastft.peft",
-    "nn": "fastft.nn",
+    "patch": ("fastft.models", "patch"),
+    "unpatch": ("fastft.models", "unpatch"),
+    "pretrain": ("fastft.recipes.pretrain", "pretrain"),
+    "finetune": ("fastft.recipes.finetune", "finetune"),
+    "evaluate": ("fastft.train.evaluation", "evaluate"),
+    "predict": ("fastft.finetuning.bundle", "predict"),
+    "load_finetuned": ("fastft.finetuning.bundle", "load_finetuned"),
+    "save_finetuned": ("fastft.finetuning.bundle", "save_finetuned"),
+    "peft": ("fastft.peft", None),
+    "nn": ("fastft.nn", None),
 }
 
 
 def __getattr__(name):
     if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        return module if module.__name__.endswith("." + name) else getattr(module, name)
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(module_name)
+        return module if attribute is None else getattr(module, attribute)
     raise AttributeError(f"module 'fastft' has no attribute {name!r}")
 
 

@@ -1,5 +1,8 @@
-"""``fastft <command> ...``: each command lives in its own module, imported only when run,
-so ``fastft info`` stays quick and a broken optional piece cannot break the others."""
+"""``fastft <command> ...``: one dispatch table. Each command is a module with ``main(argv)``,
+imported only when run, so ``fastft info`` stays quick and a broken optional piece cannot
+break the others. Expected failures (a missing file, a bad option value, an unknown
+model) print one line on stderr and exit with status 2; ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +11,31 @@ import sys
 
 # command -> (module with a ``main(argv)``, one-line help)
 COMMANDS = {
-    "demo": ("fastft.demo", "pretrain a small BERT, fine-tune it four ways and compare with from-scratch"),
-    "pretrain": ("fastft.train.cli", "pretrain (masked-LM / causal-LM) from a YAML config"),
-    "finetune": ("fastft.train.cli", "fine-tune on a labelled task from a YAML config"),
-    "eval": ("fastft.train.cli", "evaluate a checkpoint (perplexity, accuracy, F1, exact match)"),
-    "predict": ("fastft.train.cli", "run a fine-tuned model on new inputs"),
+    "demo": ("fastft.recipes.demo", "pretrain a small BERT, fine-tune it four ways and compare with from-scratch"),
+    "pretrain": ("fastft.recipes.pretrain", "pretrain (masked-LM / causal-LM) from a YAML config and key=value overrides"),
+    "finetune": ("fastft.recipes.finetune", "fine-tune on a labelled task (classification, tagging, QA, SFT)"),
+    "eval": ("fastft.recipes.evaluate", "evaluate a checkpoint (perplexity) or a fine-tuned bundle (task metrics)"),
+    "predict": ("fastft.recipes.predict", "run a fine-tuned model on new inputs"),
     "bench": ("fastft.bench", "run the benchmark suites against the reference implementations"),
     "info": ("fastft.info", "versions, and which backend of each op can run here and why not"),
 }
+# What a user's input or environment can cause; anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                   PermissionError)
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: fastft <command> [options]", "", "commands:"]
+    lines = ["usage: fastft [--debug] <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`fastft <command> --help` shows a command's options."]
+    lines += ["", "`fastft <command> --help` shows a command's options; --debug shows tracebacks."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -36,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastft: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    result = module.main(rest) if module.__name__ != "fastft.train.cli" else module.main(command, rest)
-    return int(result or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except EXPECTED_ERRORS as error:
+        if debug:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"fastft {command}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

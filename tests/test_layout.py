@@ -200,3 +200,22 @@ def test_imports_point_down_the_layers(importer, forbidden):
         for target in targets if any(_inside(target, package) for package in forbidden)
     )
     assert not upward, f"{importer} must not import {list(forbidden)}: " + "; ".join(upward)
+
+
+OPS = ("attention", "linear_cross_entropy", "lora_linear")
+
+
+def test_no_op_imports_another_op():
+    """fastft/ops/<op>.py and <op>_cuda.py import nothing of another op."""
+    for op in OPS:
+        for module in (f"fastft.ops.{op}", f"fastft.ops.{op}_cuda"):
+            others = {m for m in GRAPH[module] for other in OPS if other != op
+                      and m in (f"fastft.ops.{other}", f"fastft.ops.{other}_cuda", f"fastft.kernels.{other}")}
+            assert not others, f"{module} imports {sorted(others)}"
+
+
+def test_kernels_never_import_the_ops():
+    for module, targets in GRAPH.items():
+        if _inside(module, "fastft.kernels"):
+            upward = sorted(t for t in targets if _inside(t, "fastft.ops"))
+            assert not upward, f"{module} imports {upward}"

@@ -23,8 +23,10 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["CausalLMCollator", "MaskedLMCollator", "pad_id_of"]
+__all__ = ["IGNORE_INDEX", "CausalLMCollator", "MaskedLMCollator", "PadCollator", "pad_id_of"]
 
+# The label of a position no loss scores (F.cross_entropy's and Hugging Face's default):
+# the one definition every collator, objective and metric of fastft uses.
 IGNORE_INDEX = -100
 
 
@@ -36,6 +38,14 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
+def pad_rows(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor:
+    """Integer rows right-padded with ``value`` to ``length``: a (len(rows), length) tensor."""
+    out = torch.full((len(rows), length), value, dtype=torch.long)  # (B, T)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
 class _Collator:
     """Padding and packed-boundary bookkeeping shared by the collators."""
 
@@ -45,12 +55,6 @@ class _Collator:
         self.reset_position_ids = reset_position_ids
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def _pad(self, rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor:
-        out = torch.full((len(rows), length), value, dtype=torch.long)  # (B, T)
-        for i, row in enumerate(rows):
-            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        return out
-
     def _base(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("examples: an empty batch")
@@ -59,13 +63,13 @@ class _Collator:
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
-            "input_ids": self._pad([e["input_ids"] for e in examples], length, self.pad_id),  # (B, T)
-            "attention_mask": self._pad([[1] * n for n in lengths], length, 0),  # (B, T)
+            "input_ids": pad_rows([e["input_ids"] for e in examples], length, self.pad_id),  # (B, T)
+            "attention_mask": pad_rows([[1] * n for n in lengths], length, 0),  # (B, T)
         }
         if "token_type_ids" in examples[0]:
-            batch["token_type_ids"] = self._pad([e["token_type_ids"] for e in examples], length, 0)
+            batch["token_type_ids"] = pad_rows([e["token_type_ids"] for e in examples], length, 0)
         if "word_starts" in examples[0]:
-            batch["word_starts"] = self._pad([e["word_starts"] for e in examples], length, 1)
+            batch["word_starts"] = pad_rows([e["word_starts"] for e in examples], length, 1)
         if "next_sentence_label" in examples[0]:
             batch["next_sentence_label"] = torch.tensor([int(e["next_sentence_label"]) for e in examples])
         if "document_starts" in examples[0]:
@@ -220,4 +224,35 @@ class MaskedLMCollator(_Collator):
         input_ids = torch.where(to_random, random_tokens, input_ids)
         batch["input_ids"] = input_ids
         batch["labels"] = labels
+        return batch
+
+
+class PadCollator:
+    """Right-pads the sequence fields of task features to the batch's longest one.
+
+    ``input_ids`` with the tokenizer's pad id, ``attention_mask`` / ``token_type_ids`` with
+    0, sequence ``labels`` with -100 (ignored by the loss); scalar fields (class labels,
+    start/end positions, feature_index) become 1-D tensors. Float labels stay float
+    (regression)."""
+
+    SEQUENCE_PAD = {"attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("features: an empty batch")
+        length = max(len(f["input_ids"]) for f in features)
+        batch = {}
+        for key in features[0]:
+            if key == "offset_mapping":
+                continue
+            values = [f[key] for f in features]
+            if isinstance(values[0], (list, tuple)):
+                pad = self.pad_id if key == "input_ids" else self.SEQUENCE_PAD.get(key, 0)
+                batch[key] = pad_rows(values, length, pad)  # (B, T)
+            else:
+                dtype = torch.float32 if isinstance(values[0], float) else torch.long
+                batch[key] = torch.tensor(values, dtype=dtype)  # (B,)
         return batch

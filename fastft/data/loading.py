@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import datasets
 
-__all__ = ["load_documents", "tokenize_documents", "document_end_id", "TXT_MODES"]
+__all__ = ["TXT_MODES", "document_end_id", "load_documents", "load_rows", "rows_of", "tokenize_documents"]
 
 TXT_MODES = ("line", "paragraph")
 _BUILDERS = {
@@ -110,6 +110,25 @@ def load_documents(
     if text_column not in dataset.column_names:
         raise ValueError(f"text_column {text_column!r} not in the data's columns {dataset.column_names}")
     return dataset.filter(lambda row: bool(row[text_column] and row[text_column].strip()))
+
+
+def rows_of(data) -> list[dict]:
+    """A list of dicts from a list of dicts or a ``datasets.Dataset`` (labelled task data)."""
+    if data is None:
+        return []
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    if hasattr(data, "to_list"):
+        return data.to_list()
+    raise TypeError(f"data must be a list of dicts or a datasets.Dataset, got {type(data).__name__}")
+
+
+def load_rows(path: str) -> list[dict]:
+    """Labelled rows (dicts) from a ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file."""
+    kind = _BUILDERS.get(os.path.splitext(path)[1].lower())
+    if kind is None or kind == "text":
+        raise ValueError(f"{path}: labelled rows come from .json, .jsonl, .csv or .parquet files, not {path!r}")
+    return datasets.load_dataset(kind, data_files=path, split="train").to_list()
 
 
 def document_end_id(tokenizer) -> int | None:

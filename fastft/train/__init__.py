@@ -1,46 +1,52 @@
-"""Training: one loop (``loop.py``) shared by pretraining and fine-tuning.
+"""The training engine: one loop (``loop.py``) that every recipe (pretraining,
+fine-tuning, ...) drives, and what it is made of.
 
-    import fastft
-    state = fastft.pretrain(model, tokenizer, "corpus.txt", objective="mlm", max_steps=1000)
-    metrics = fastft.evaluate(state.model, "held_out.txt", "mlm", tokenizer=tokenizer)
+    from fastft.train import TrainConfig, train, evaluate
+    state = train(model, "mlm", tokenised_blocks, collator=collator, config=TrainConfig(max_steps=100))
+    metrics = evaluate(state.model, "held_out.txt", "mlm", tokenizer=tokenizer)
 
-Fine-tuning builds on ``train`` with its own ``Objective``, ``param_groups``, callbacks
-and ``extra_losses``; schedules register in ``SCHEDULES``.
+The engine knows no task: objectives, callbacks, parameter groups and extra losses come
+in from the caller (``fastft.finetuning`` supplies the fine-tuning ones). Schedules
+register in ``SCHEDULES``. The one-call entry points (``fastft.pretrain``,
+``fastft.finetune``) live in ``fastft.recipes``.
 """
 
-from fastft.train.callbacks import Callback, EarlyStopping
+from fastft.train.callbacks import BestModel, Callback, EarlyStopping
 from fastft.train.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
 from fastft.train.config import (
     DataConfig,
     ModelConfig,
     OptimConfig,
+    Option,
     ParallelConfig,
     ScheduleConfig,
     TrainConfig,
     apply_overrides,
     config_from_dict,
     load_config,
+    resolve_config,
 )
-from fastft.train import strategies  # noqa: F401  (registers the "slanted_triangular" schedule)
 from fastft.train.distributed import Parallel, setup_parallel, trainable_state_dict
-from fastft.train.finetune import FinetuneResult, evaluate_sets, finetune, load_finetuned, predict, save_finetuned
-from fastft.train.loop import TrainState, accumulate_gradients, build_optimizer, evaluate, train
+from fastft.train.evaluation import evaluate
+from fastft.train.loop import TrainState, accumulate_gradients, train
 from fastft.train.objectives import CausalLM, MaskedLM, MaskedLMWithNSP, Objective, get_objective, model_inputs
-from fastft.train.pretrain import pretrain
+from fastft.train.optim import build_optimizer
+from fastft.train.runtime import cpu_speedups, resolve_device, seed_everything
 from fastft.train.schedules import SCHEDULES, build_scheduler, register_schedule
 
 __all__ = [
     "SCHEDULES",
+    "BestModel",
     "Callback",
     "CausalLM",
     "DataConfig",
     "EarlyStopping",
-    "FinetuneResult",
     "MaskedLM",
     "MaskedLMWithNSP",
     "ModelConfig",
     "Objective",
     "OptimConfig",
+    "Option",
     "Parallel",
     "ParallelConfig",
     "ScheduleConfig",
@@ -51,21 +57,19 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "config_from_dict",
+    "cpu_speedups",
     "evaluate",
-    "evaluate_sets",
     "export_pretrained",
-    "finetune",
     "get_objective",
     "latest_checkpoint",
-    "load_finetuned",
     "load_checkpoint",
     "load_config",
     "model_inputs",
-    "pretrain",
-    "predict",
     "register_schedule",
+    "resolve_config",
+    "resolve_device",
     "save_checkpoint",
-    "save_finetuned",
+    "seed_everything",
     "setup_parallel",
     "train",
     "trainable_state_dict",

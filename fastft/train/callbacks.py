@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Callback", "EarlyStopping"]
+import torch
+
+__all__ = ["BestModel", "Callback", "EarlyStopping"]
 
 
 class Callback:
@@ -71,3 +73,44 @@ class EarlyStopping(Callback):
 
     def load_state_dict(self, state):
         self.best, self.bad_evaluations = state["best"], state["bad_evaluations"]
+
+
+class BestModel(Callback):
+    """Keeps a CPU copy of the trainable weights at the best evaluation (``metric``,
+    ``mode``) and restores them when training ends. With ``track_initial`` (gradual
+    unfreezing: weights frozen at the best moment may change later) the initial values
+    of all parameters are kept too, to restore those."""
+
+    def __init__(self, metric: str, mode: str, *, track_initial: bool = False):
+        self.metric, self.mode, self.track_initial = metric, mode, track_initial
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.snapshot: dict[str, torch.Tensor] = {}
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_train_begin(self, state):
+        if self.track_initial:
+            self.initial = {n: p.detach().to("cpu", copy=True) for n, p in state.model.named_parameters()}
+
+    def on_evaluate(self, state, metrics):
+        if self.metric not in metrics:
+            raise KeyError(f"select_metric {self.metric!r} not in the evaluation metrics {sorted(metrics)}")
+        value = float(metrics[self.metric])
+        if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
+            self.best, self.best_step = value, state.step
+            self.snapshot = {n: p.detach().to("cpu", copy=True) for n, p in state.model.named_parameters() if p.requires_grad}
+
+    def on_train_end(self, state):
+        if not self.snapshot:
+            return
+        with torch.no_grad():
+            for name, param in state.model.named_parameters():
+                source = self.snapshot.get(name, self.initial.get(name))
+                if source is not None:
+                    param.copy_(source.to(param.device))
+
+    def state_dict(self):
+        return {"best": self.best, "best_step": self.best_step}
+
+    def load_state_dict(self, state):
+        self.best, self.best_step = state["best"], state["best_step"]

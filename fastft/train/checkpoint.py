@@ -9,7 +9,7 @@ A checkpoint is a directory ``<output_dir>/checkpoints/step-000123/``:
                          (python, numpy, torch CPU and CUDA), callbacks' states
     trainer_state.json   step, epoch, batches consumed in the epoch, sampler, best metric
 
-Distributed runs (DDP / FSDP, ``save_sharded_checkpoint``) write the same directory with
+Distributed runs (DDP / FSDP: ``save_checkpoint(..., parallel=...)``) write the same directory with
 the weights and optimizer state through ``torch.distributed.checkpoint`` (DCP) instead:
 
     dcp/                 model + optimizer state dicts, each rank writing its own shards
@@ -50,7 +50,6 @@ __all__ = [
     "load_checkpoint",
     "rng_state",
     "save_checkpoint",
-    "save_sharded_checkpoint",
     "set_rng_state",
 ]
 
@@ -150,6 +149,17 @@ def latest_checkpoint(root: str) -> str | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def _per_process_states(scheduler, scaler, collator, extra_state) -> dict[str, Any]:
+    """What each process saves besides weights and optimizer: small states and RNG streams."""
+    return {
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "collator": None if collator is None else collator.state_dict(),
+        "rng": rng_state(),
+        "extra": extra_state or {},
+    }
+
+
 def save_checkpoint(
     root: str,
     step: int,
@@ -163,39 +173,67 @@ def save_checkpoint(
     extra_state: dict[str, Any] | None = None,
     tokenizer=None,
     keep_last: int | None = None,
+    parallel=None,
 ) -> str:
     """Write checkpoint ``root/step-{step:06d}`` atomically; keep the newest ``keep_last``.
 
     ``trainer_state`` must be JSON-serialisable; ``extra_state`` (e.g. callbacks' states)
     goes into ``training_state.pt`` with the optimizer. Returns the checkpoint path.
+
+    With a distributed ``parallel`` (``fastft.train.distributed.Parallel``, DDP / FSDP) this
+    is a collective -- call it on every rank: each rank writes its shards through DCP
+    into one hidden directory and rank 0 renames it once all have finished. ``root`` must
+    then be on a file system every rank sees; ``model`` is the unwrapped (possibly
+    FSDP-sharded) module.
     """
-    os.makedirs(root, exist_ok=True)
-    _sweep_leftovers(root)
+    sharded = parallel is not None and parallel.enabled
+    is_main = parallel.is_main if sharded else True
     final = os.path.join(root, f"step-{step:06d}")
-    tmp = os.path.join(root, f".tmp-step-{step:06d}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    safetensors.torch.save_model(model, os.path.join(tmp, MODEL_FILE))
-    if getattr(model, "config", None) is not None and hasattr(model.config, "to_json_file"):
-        model.config.to_json_file(os.path.join(tmp, "config.json"))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    training_state = {
-        "optimizer": None if optimizer is None else optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "scaler": None if scaler is None else scaler.state_dict(),
-        "collator": None if collator is None else collator.state_dict(),
-        "rng": rng_state(),
-        "extra": extra_state or {},
-    }
-    torch.save(training_state, os.path.join(tmp, TRAINING_STATE_FILE))
-    # trainer_state.json is written last: list_checkpoints requires it.
-    with open(os.path.join(tmp, TRAINER_STATE_FILE), "w") as f:
-        json.dump({"step": step, **(trainer_state or {})}, f, indent=2)
-    _atomic_publish(tmp, final)
-    if keep_last is not None and keep_last > 0:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    # Sharded: ranks must agree on the directory's name without talking, hence no random part.
+    tmp = os.path.join(root, f".tmp-step-{step:06d}-" + ("sharded" if sharded else uuid.uuid4().hex[:8]))
+    if is_main:
+        os.makedirs(root, exist_ok=True)
+        _sweep_leftovers(root)
+        os.makedirs(tmp)
+    states = _per_process_states(scheduler, scaler, collator, extra_state)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        parallel.barrier()  # nobody writes before the sweep
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(tmp, DCP_DIR))
+        torch.save(states, os.path.join(tmp, _rank_file(parallel.rank)))
+        parallel.barrier()  # every rank's files are in place
+    else:
+        safetensors.torch.save_model(model, os.path.join(tmp, MODEL_FILE))
+        states["optimizer"] = None if optimizer is None else optimizer.state_dict()
+        torch.save(states, os.path.join(tmp, TRAINING_STATE_FILE))
+    if is_main:
+        if getattr(model, "config", None) is not None and hasattr(model.config, "to_json_file"):
+            model.config.to_json_file(os.path.join(tmp, "config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        # trainer_state.json is written last: list_checkpoints requires it.
+        record = {"step": step, **({"world_size": parallel.world_size} if sharded else {}), **(trainer_state or {})}
+        with open(os.path.join(tmp, TRAINER_STATE_FILE), "w") as f:
+            json.dump(record, f, indent=2)
+        _atomic_publish(tmp, final)
+        if keep_last is not None and keep_last > 0:
+            for old in list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    if sharded:
+        parallel.barrier()  # the checkpoint exists for everyone before anyone goes on
     return final
+
+
+def _restore_states(states: dict[str, Any], *, scheduler, scaler, collator=None, rng: bool = False) -> None:
+    """Load ``_per_process_states``' entries into the given objects (None: skipped)."""
+    for target, key in ((scheduler, "scheduler"), (scaler, "scaler"), (collator, "collator")):
+        if target is not None and states.get(key) is not None:
+            target.load_state_dict(states[key])
+    if rng:
+        set_rng_state(states["rng"])
 
 
 def load_checkpoint(
@@ -233,14 +271,7 @@ def load_checkpoint(
     state = torch.load(os.path.join(path, TRAINING_STATE_FILE), map_location="cpu", weights_only=True)
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    if collator is not None and state["collator"] is not None:
-        collator.load_state_dict(state["collator"])
-    if restore_rng:
-        set_rng_state(state["rng"])
+    _restore_states(state, scheduler=scheduler, scaler=scaler, collator=collator, rng=restore_rng)
     with open(os.path.join(path, TRAINER_STATE_FILE)) as f:
         trainer_state = json.load(f)
     return trainer_state, state["extra"]
@@ -277,69 +308,12 @@ def export_pretrained(model, tokenizer, path: str, *, state_dict=None, architect
 
 
 def is_sharded_checkpoint(path: str) -> bool:
-    """True for a checkpoint written by ``save_sharded_checkpoint`` (a ``dcp/`` directory)."""
+    """True for a checkpoint written by a distributed run (a ``dcp/`` directory)."""
     return os.path.isdir(os.path.join(path, DCP_DIR))
 
 
-def save_sharded_checkpoint(
-    root: str,
-    step: int,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    parallel,
-    scheduler=None,
-    scaler=None,
-    collator=None,
-    trainer_state: dict[str, Any] | None = None,
-    extra_state: dict[str, Any] | None = None,
-    tokenizer=None,
-    keep_last: int | None = None,
-) -> str:
-    """Write checkpoint ``root/step-{step:06d}`` from every rank (a collective: call it on
-    all ranks), atomically: ranks write into one hidden directory, rank 0 renames it once
-    all have finished. ``root`` must be on a file system every rank sees (multi-node: a
-    shared one). ``model`` is the unwrapped (possibly FSDP-sharded) module; ``parallel`` a
-    ``fastft.train.distributed.Parallel``. Returns the checkpoint path.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = os.path.join(root, f"step-{step:06d}")
-    tmp = os.path.join(root, f".tmp-step-{step:06d}-sharded")  # the same name on every rank
-    if parallel.is_main:
-        os.makedirs(root, exist_ok=True)
-        _sweep_leftovers(root)
-        os.makedirs(tmp)
-    parallel.barrier()  # nobody writes before the sweep
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(tmp, DCP_DIR))
-    per_rank = {
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "scaler": None if scaler is None else scaler.state_dict(),
-        "collator": None if collator is None else collator.state_dict(),
-        "rng": rng_state(),
-        "extra": extra_state or {},
-    }
-    torch.save(per_rank, os.path.join(tmp, _rank_file(parallel.rank)))
-    parallel.barrier()  # every rank's files are in place
-    if parallel.is_main:
-        if getattr(model, "config", None) is not None and hasattr(model.config, "to_json_file"):
-            model.config.to_json_file(os.path.join(tmp, "config.json"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, TRAINER_STATE_FILE), "w") as f:  # last: marks the directory complete
-            json.dump({"step": step, "world_size": parallel.world_size, **(trainer_state or {})}, f, indent=2)
-        _atomic_publish(tmp, final)
-        if keep_last is not None and keep_last > 0:
-            for old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    parallel.barrier()  # the checkpoint exists for everyone before anyone goes on
-    return final
-
-
 def _load_sharded_checkpoint(path, *, model, optimizer, scheduler, scaler, collator, restore_rng):
-    """Load a ``save_sharded_checkpoint`` directory into this process's objects, whatever
+    """Load a sharded (distributed) checkpoint directory into this process's objects, whatever
     the number of ranks now (DCP re-shards; no process group: a single process reads it all).
 
     Per-rank states: rank r reads ``rank-r.pt`` when the saving run had a rank r (random
@@ -370,15 +344,10 @@ def _load_sharded_checkpoint(path, *, model, optimizer, scheduler, scaler, colla
     rank = dist.get_rank() if distributed else 0
     own = os.path.join(path, _rank_file(rank))
     per_rank = torch.load(own if os.path.isfile(own) else os.path.join(path, _rank_file(0)), map_location="cpu", weights_only=True)
-    if scheduler is not None and per_rank["scheduler"] is not None:
-        scheduler.load_state_dict(per_rank["scheduler"])
-    if scaler is not None and per_rank["scaler"] is not None:
-        scaler.load_state_dict(per_rank["scaler"])
     if os.path.isfile(own):
-        if collator is not None and per_rank["collator"] is not None:
-            collator.load_state_dict(per_rank["collator"])
-        if restore_rng:
-            set_rng_state(per_rank["rng"])
+        _restore_states(per_rank, scheduler=scheduler, scaler=scaler, collator=collator, rng=restore_rng)
+    else:  # another world size: rank 0's schedule, this rank's own fresh random streams
+        _restore_states(per_rank, scheduler=scheduler, scaler=scaler)
     with open(os.path.join(path, TRAINER_STATE_FILE)) as f:
         trainer_state = json.load(f)
     return trainer_state, per_rank["extra"]

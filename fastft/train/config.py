@@ -15,6 +15,11 @@ Nested keys are joined with dots; values are parsed as YAML scalars (``3e-4`` ->
 naming the valid ones. Python callers can pass overrides as keyword arguments:
 ``optim__lr=3e-4`` (double underscore for a dot), or just ``lr=3e-4`` when the field name
 is unique across the sections.
+
+Typed options (``option_field``: a fine-tuning strategy, guard, learning-rate scheme, task)
+take a name, a mapping with a name, or the object: ``strategy: lora``,
+``strategy: {name: lora, rank: 8}``, ``strategy.rank=16`` on the command line,
+``strategy=LoRA(rank=8)`` from Python.
 """
 
 from __future__ import annotations
@@ -22,20 +27,24 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import yaml
 
 __all__ = [
     "DataConfig",
     "ModelConfig",
+    "Option",
     "OptimConfig",
     "ParallelConfig",
     "ScheduleConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_as_dict",
     "config_from_dict",
     "load_config",
+    "option_field",
+    "resolve_config",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -58,7 +67,71 @@ _YamlLoader.add_implicit_resolver(
 def parse_yaml(text: str):
     """``yaml.safe_load`` with YAML 1.2 floats (``3e-4`` -> 0.0003)."""
     return yaml.load(text, Loader=_YamlLoader)
-OBJECTIVES = ("mlm", "clm", "mlm+nsp")
+class Option:
+    """Base of a family of typed options chosen by name: fine-tuning strategies, forgetting
+    guards, learning-rate schemes. A family is a direct subclass; its members are
+    dataclasses with a ``name`` and their own fields, e.g. ``LoRA(rank=8)``.
+
+    ``Family.parse(value)`` accepts a member, its name (``"lora"``: the defaults), or a
+    mapping ``{"name": "lora", "rank": 8}`` -- what YAML files and ``key=value``
+    overrides give; a mapping without ``name`` updates ``current`` (``{rank: 16}``).
+    ``spec()`` is the inverse, for ``run_config.json``."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "option"  # the family's name in messages ("strategy", "guard" ...)
+    members: ClassVar[dict[str, type]]  # name -> class, one registry per family
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if Option in cls.__bases__:  # a new family
+            cls.members = {}
+        elif cls.__dict__.get("name"):
+            cls.members[cls.name] = cls
+
+    @classmethod
+    def parse(cls, value, current: "Option | None" = None) -> "Option | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{cls.kind}: give a name, a mapping with a name, or a {cls.__name__}, got {value!r}")
+        options = dict(value)
+        name = options.pop("name", None)
+        if name is None:
+            if current is None:
+                raise ValueError(f"{cls.kind} {dict(value)!r}: which one? add name: one of {sorted(cls.members)}")
+            name, options = current.name, {**current.options(), **options}
+        if name not in cls.members:
+            raise ValueError(f"unknown {cls.kind} {name!r}; choose one of {sorted(cls.members)}")
+        member = cls.members[name]
+        valid = [f.name for f in dataclasses.fields(member)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TypeError(f"{cls.kind} {name!r} got unexpected option(s) {unknown}; valid: {valid}")
+        return member(**options)
+
+    def options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options()}
+
+
+def option_field(parse, default: Any):
+    """A config field holding a typed option: ``parse`` is an ``Option`` family (or any
+    ``fn(value, current=None) -> object``) turning names / mappings into the object;
+    ``default``: what it parses to when the config does not set the field."""
+    parse = getattr(parse, "parse", parse)
+    return field(default_factory=lambda: parse(default), metadata={"parse": parse})
+
+
+def _parser(cls, name: str):
+    """The ``parse`` function of an ``option_field`` named ``name`` of dataclass ``cls``, or None."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("parse")
+    return None
 
 
 @dataclass
@@ -80,6 +153,11 @@ class DataConfig:
     random_replace_prob: float = 0.1
     whole_word_mask: bool = False
     nsp_probability: float = 0.5
+
+    def lm_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``fastft.data.prepare_lm_data`` this section sets."""
+        where = ("train", "validation", "validation_fraction")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in where}
 
 
 @dataclass
@@ -130,10 +208,12 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. Steps are optimizer steps; a batch is a micro-batch."""
+    """What the training loop needs, whatever the recipe. Steps are optimizer steps; a
+    batch is a micro-batch. Recipes extend it with their own fields
+    (``fastft.recipes.pretrain.PretrainConfig``: objective, data, model;
+    ``fastft.recipes.finetune.FinetuneConfig``: task, strategy, guard ...)."""
 
     output_dir: str = "runs/fastft"
-    objective: str = "mlm"  # "mlm" | "clm" | "mlm+nsp" (pretraining)
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available else cpu
     batch_size: int = 8  # examples per micro-batch
@@ -162,10 +242,8 @@ class TrainConfig:
     # Data parallelism under torchrun: "ddp" (model fits one device), "fsdp" (FSDP2
     # fully_shard per transformer block), "none", or "auto" (ddp when WORLD_SIZE > 1).
     distributed: str = "auto"
-    data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
@@ -215,7 +293,10 @@ def config_from_dict(cls, values: Mapping[str, Any] | None, *, prefix: str = "")
     kwargs = {}
     for name, value in values.items():
         default = getattr(defaults, name)
-        if dataclasses.is_dataclass(default):
+        parse = _parser(cls, name)
+        if parse is not None:
+            kwargs[name] = parse(value)
+        elif dataclasses.is_dataclass(default):
             if not isinstance(value, Mapping):
                 raise TypeError(f"config key {prefix + name!r} is a section: give a mapping, got {value!r}")
             kwargs[name] = config_from_dict(type(default), value, prefix=f"{prefix}{name}.")
@@ -234,15 +315,48 @@ def _set_dotted(config, dotted: str, value: Any) -> None:
             raise KeyError(f"unknown config key {dotted!r}; valid keys{' under ' + where if where else ''}: {valid}")
         if depth == len(parts) - 1:
             default = getattr(target, part)
+            parse = _parser(type(target), part)
+            if parse is not None:
+                setattr(target, part, parse(value, current=default))
+                return
             if dataclasses.is_dataclass(default):
                 if not isinstance(value, Mapping):
                     raise TypeError(f"config key {dotted!r} is a section: give a mapping, got {value!r}")
                 value = config_from_dict(type(default), {**dataclasses.asdict(default), **value}, prefix=dotted + ".")
             setattr(target, part, _coerce(value, default))
         else:
+            parse = _parser(type(target), part)
+            if parse is not None:  # strategy.rank=16: a new option object with that field changed
+                rest = ".".join(parts[depth + 1 :])
+                setattr(target, part, parse({rest: value}, current=getattr(target, part)))
+                return
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
                 raise KeyError(f"config key {'.'.join(parts[: depth + 1])!r} is not a section")
+
+
+def _copy_sections(config):
+    """A copy of ``config`` with its own sections (nested configs) and option objects;
+    other values (data, models given from Python) are shared, not copied."""
+    copies = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            copies[f.name] = _copy_sections(value)
+    return dataclasses.replace(config, **copies)
+
+
+def config_as_dict(config) -> dict[str, Any]:
+    """``config`` as plain data (option objects as their ``spec()``), for ``run_config.json``."""
+    result = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if hasattr(value, "spec") and _parser(type(config), f.name) is not None:
+            value = value.spec()
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = config_as_dict(value)
+        result[f.name] = value
+    return result
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str] | Mapping[str, Any]) -> TrainConfig:
@@ -254,8 +368,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | Mapping[str, Any
         ValueError: an item without ``=``.
         KeyError: an unknown key, naming the valid ones.
     """
-    config = dataclasses.replace(config)
-    config = config_from_dict(type(config), dataclasses.asdict(config))  # deep copy
+    config = _copy_sections(config)
     if not isinstance(overrides, Mapping):
         parsed = {}
         for item in overrides:
@@ -270,8 +383,9 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | Mapping[str, Any
     return config
 
 
-def load_config(path: str | None = None, overrides: list[str] | Mapping[str, Any] = ()) -> TrainConfig:
-    """Read a YAML file into ``TrainConfig`` (defaults when ``path`` is None), then apply overrides.
+def load_config(path: str | None = None, overrides: list[str] | Mapping[str, Any] = (), *, cls: type | None = None):
+    """Read a YAML file into ``cls`` (default ``TrainConfig``; defaults when ``path`` is
+    None), then apply overrides.
 
     Raises:
         KeyError: unknown keys (in the file or the overrides), naming the valid ones.
@@ -283,7 +397,7 @@ def load_config(path: str | None = None, overrides: list[str] | Mapping[str, Any
             values = parse_yaml(f.read()) or {}
         if not isinstance(values, Mapping):
             raise TypeError(f"{path}: the top level must be a mapping of config keys")
-    return apply_overrides(config_from_dict(TrainConfig, values), overrides)
+    return apply_overrides(config_from_dict(cls or TrainConfig, values), overrides)
 
 
 def resolve_kwarg_overrides(config: TrainConfig, kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,3 +422,29 @@ def resolve_kwarg_overrides(config: TrainConfig, kwargs: Mapping[str, Any]) -> d
             raise KeyError(f"config key {key!r} {why}; valid keys: {valid}")
         dotted[f"{owners[0]}.{key}"] = value
     return dotted
+
+
+def resolve_config(config, overrides: Mapping[str, Any], cls: type | None = None):
+    """A config of dataclass ``cls`` (default ``TrainConfig``) from a config object, a
+    mapping, a YAML path or None, plus Python keyword overrides (``lr=...``,
+    ``optim__lr=...``, ``data={"block_size": 64}``).
+
+    Raises:
+        TypeError: ``config`` of another kind.
+        KeyError: unknown keys, naming the valid ones.
+    """
+    cls = cls or TrainConfig
+    if config is None:
+        config = cls()
+    elif isinstance(config, str):
+        config = load_config(config, cls=cls)
+    elif isinstance(config, Mapping):
+        config = config_from_dict(cls, config)
+    elif not isinstance(config, cls):
+        if isinstance(config, TrainConfig):  # a plain TrainConfig where a richer one is expected: keep its values
+            config = config_from_dict(cls, dataclasses.asdict(config))
+        else:
+            raise TypeError(f"config must be a {cls.__name__}, a mapping, a YAML path or None, got {type(config).__name__}")
+    if overrides:
+        config = apply_overrides(config, resolve_kwarg_overrides(config, overrides))
+    return config

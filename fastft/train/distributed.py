@@ -41,6 +41,9 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
+from fastft.peft.sharding import full_tensor
+from fastft.train.runtime import resolve_device
+
 __all__ = ["Parallel", "full_tensor", "setup_parallel", "trainable_state_dict", "transformer_blocks"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}
@@ -79,16 +82,6 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
         return all(owners[i] == n for i, n in inside.items())
 
     return [block for block in blocks if self_contained(block)]
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind an FSDP2-sharded parameter (a ``DTensor``), gathered from
-    every rank's shard -- a collective: every rank must call it, in the same order. Other
-    tensors are returned as they are (detached)."""
-    from torch.distributed.tensor import DTensor
-
-    tensor = tensor.detach()
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -324,8 +317,6 @@ def setup_parallel(config) -> Parallel:
             raise ValueError(
                 f"distributed: none, but launched with WORLD_SIZE={env_world}: set distributed=ddp or distributed=fsdp"
             )
-        from fastft.train.loop import resolve_device
-
         return Parallel(device=resolve_device(config.device), options=config.parallel)
     if mode == "fsdp" and config.precision == "fp16":
         raise ValueError("distributed: fsdp does not support precision=fp16 (GradScaler); use bf16, or parallel.param_dtype")

@@ -12,9 +12,9 @@ To add a task (classification, QA, SFT ...), subclass ``Objective``:
 
     class Classification(Objective):
         name = "cls"
-        def counts(self, batch):             # before forward
+        def counts(self, batch):             # before forward, once per micro-batch
             return {"cls": batch["labels"].numel()}
-        def loss(self, model, batch):        # summed loss per term, and the model output
+        def loss(self, model, batch, counts):  # summed loss per term, and the model output
             out = model(**model_inputs(model, batch, exclude=("labels",)))
             return {"cls": F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum")}, out
 """
@@ -27,10 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CausalLM", "MaskedLM", "MaskedLMWithNSP", "Objective", "get_objective", "model_inputs"]
+from fastft.data.collators import IGNORE_INDEX
 
-IGNORE_INDEX = -100
-
+__all__ = ["OBJECTIVES", "CausalLM", "MaskedLM", "MaskedLMWithNSP", "Objective", "get_objective", "model_inputs", "objective_for"]
 
 def _forward_parameters(model) -> set[str]:
     cached = getattr(model, "_fastft_forward_parameters", None)
@@ -54,9 +53,10 @@ def model_inputs(model, batch: dict[str, Any], *, exclude: tuple[str, ...] = ())
 
 
 class Objective:
-    """Base class. ``counts(batch)`` -> {term: int}; ``loss(model, batch)`` -> ({term:
-    summed loss (0-dim tensor)}, model output). ``perplexity_term`` names the term whose
-    per-item mean is a token cross-entropy (evaluation reports exp of it), or None."""
+    """Base class. ``counts(batch)`` -> {term: int}; ``loss(model, batch, counts)`` -> ({term:
+    summed loss (0-dim tensor)}, model output), where ``counts`` is what ``counts(batch)``
+    returned (computed once per micro-batch by the loop). ``perplexity_term`` names the
+    term whose per-item mean is a token cross-entropy (evaluation reports exp of it), or None."""
 
     name = "objective"
     perplexity_term: str | None = None
@@ -64,7 +64,7 @@ class Objective:
     def counts(self, batch: dict[str, Any]) -> dict[str, int]:
         raise NotImplementedError
 
-    def loss(self, model, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+    def loss(self, model, batch: dict[str, Any], counts: dict[str, int]) -> tuple[dict[str, torch.Tensor], Any]:
         raise NotImplementedError
 
 
@@ -94,9 +94,9 @@ class MaskedLM(Objective):
     def counts(self, batch):
         return {"mlm": int((batch["labels"] != IGNORE_INDEX).sum())}
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, counts):
         out = model(**model_inputs(model, batch))
-        return {"mlm": _summed_token_loss(out.loss, self.counts(batch)["mlm"])}, out
+        return {"mlm": _summed_token_loss(out.loss, counts["mlm"])}, out
 
 
 class CausalLM(Objective):
@@ -109,9 +109,9 @@ class CausalLM(Objective):
     def counts(self, batch):
         return {"clm": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())}
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, counts):
         out = model(**model_inputs(model, batch))
-        return {"clm": _summed_token_loss(out.loss, self.counts(batch)["clm"])}, out
+        return {"clm": _summed_token_loss(out.loss, counts["clm"])}, out
 
 
 class MaskedLMWithNSP(Objective):
@@ -129,10 +129,9 @@ class MaskedLMWithNSP(Objective):
     def counts(self, batch):
         return {"mlm": int((batch["labels"] != IGNORE_INDEX).sum()), "nsp": int(batch["next_sentence_label"].numel())}
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, counts):
         if "next_sentence_label" not in _forward_parameters(model):
             raise ValueError("objective 'mlm+nsp' needs a model with a next-sentence head (e.g. BertForPreTraining)")
-        counts = self.counts(batch)
         out = model(**model_inputs(model, batch))
         nsp_logits = _at_least_fp32(out.seq_relationship_logits)  # (B, 2)
         nsp_sum = F.cross_entropy(nsp_logits, batch["next_sentence_label"], reduction="sum")
@@ -158,3 +157,18 @@ def get_objective(objective: str | Objective) -> Objective:
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(OBJECTIVES)} or an Objective, got {objective!r}")
     return OBJECTIVES[objective]()
+
+
+def objective_for(model_or_config) -> str:
+    """The pretraining objective of a Hugging Face model (or its config) by architecture:
+    ``"clm"`` for ``*ForCausalLM`` / ``*LMHeadModel`` (or ``is_decoder``), ``"mlm+nsp"``
+    for ``*ForPreTraining``, else ``"mlm"``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    names = list(getattr(config, "architectures", None) or [])
+    if hasattr(model_or_config, "config"):  # a model: its class is the truth, whatever config.json says
+        names = [type(model_or_config).__name__]
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names) or getattr(config, "is_decoder", False):
+        return "clm"
+    if any(n.endswith("ForPreTraining") for n in names):
+        return "mlm+nsp"
+    return "mlm"

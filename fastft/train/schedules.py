@@ -4,8 +4,8 @@ A schedule is ``fn(step, *, total_steps, warmup_steps, min_lr_ratio, **options) 
 (the multiplier for optimizer step ``step``, counted from 0). ``build_scheduler`` wraps
 it in ``torch.optim.lr_scheduler.LambdaLR``, so each parameter group keeps its own peak
 lr (discriminative / layer-wise learning rates) and the scheduler's state is a step
-counter that checkpoints save and restore. New schedules (e.g. slanted triangular for
-fine-tuning) register with ``@register_schedule("name")``.
+counter that checkpoints save and restore. New schedules register with
+``@register_schedule("name")``; ``slanted_triangular`` is ULMFiT's, for fine-tuning.
 """
 
 from __future__ import annotations
@@ -62,6 +62,33 @@ def cosine(step: int, *, total_steps: int, warmup_steps: int = 0, min_lr_ratio: 
         return warm
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@register_schedule("slanted_triangular")
+def slanted_triangular(
+    step: int, *, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0, cut_frac: float = 0.1,
+    ratio: float = 32.0,
+) -> float:
+    """ULMFiT's slanted triangular multiplier (Howard & Ruder 2018, eq. 3):
+
+        cut = floor(T · cut_frac)
+        p   = t / cut                                   if t < cut
+              1 − (t − cut) / (cut · (1/cut_frac − 1))  otherwise
+        η_t = η_max · (1 + p · (ratio − 1)) / ratio
+
+    A short linear rise over the first ``cut_frac`` of the steps, then a long linear decay,
+    from ``η_max / ratio`` up to ``η_max`` and back. ``warmup_steps`` and ``min_lr_ratio``
+    are ignored (the shape has its own rise and floor)."""
+    if not 0.0 < cut_frac < 1.0:
+        raise ValueError(f"slanted_triangular: cut_frac must be in (0, 1), got {cut_frac}")
+    if ratio < 1.0:
+        raise ValueError(f"slanted_triangular: ratio must be >= 1, got {ratio}")
+    cut = max(1, math.floor(total_steps * cut_frac))
+    if step < cut:
+        p = step / cut
+    else:
+        p = 1.0 - (step - cut) / (cut * (1.0 / cut_frac - 1.0))
+    return (1.0 + max(p, 0.0) * (ratio - 1.0)) / ratio
 
 
 def warmup_steps_for(total_steps: int, warmup_steps: int = 0, warmup_ratio: float = 0.0) -> int:

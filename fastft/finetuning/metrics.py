@@ -9,12 +9,14 @@ and ``compute() -> dict`` at the end (which also resets them for the next evalua
 from __future__ import annotations
 
 import collections
-import math
 import re
 import string
 from typing import Any, Sequence
 
 import torch
+
+from fastft.data.collators import IGNORE_INDEX
+from fastft.train.metrics import perplexity
 
 __all__ = [
     "ClassificationMetrics",
@@ -31,8 +33,6 @@ __all__ = [
     "qa_scores",
     "token_f1",
 ]
-
-IGNORE_INDEX = -100
 
 
 def accuracy(predictions: Sequence[Any], references: Sequence[Any]) -> float:
@@ -151,11 +151,6 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequenc
     # sacrebleu wants reference *streams*: stream j holds every hypothesis' j-th reference.
     streams = [[a[j] if j < len(a) else a[0] for a in alternatives] for j in range(width)]
     return float(sacrebleu.corpus_bleu(list(hypotheses), streams).score)
-
-
-def perplexity(mean_token_loss: float) -> float:
-    """exp(mean token cross-entropy in nats), capped against overflow."""
-    return math.exp(min(mean_token_loss, 700.0))
 
 
 # ------------------------------------------------------------------------ accumulators

@@ -14,7 +14,7 @@
    (pretraining loss; held-out accuracy per epoch of every fine-tuning run), and the
    runs' own logs under ``runs/``.
 
-The built-in language (``fastft.demo_data``) makes pretraining matter: the label is the
+The built-in language (``fastft.data.demo_language``) makes pretraining matter: the label is the
 latent word class of a sentence (next to a distractor sentence of another class), which
 only co-occurrence in unlabeled text reveals, and the test set is written only with words
 the labelled training set never contains.
@@ -54,7 +54,9 @@ from typing import Sequence
 
 import torch
 
-from fastft.demo_data import SPECIAL_TOKENS, DemoLanguage
+from fastft.data.demo_language import SPECIAL_TOKENS, DemoLanguage
+from fastft.finetuning.strategies import LoRA
+from fastft.train.runtime import resolve_device
 
 __all__ = ["DemoConfig", "DemoResult", "build_word_tokenizer", "main", "run_demo"]
 
@@ -67,7 +69,7 @@ class DemoConfig:
     """Sizes and recipes of the demo. The defaults finish in about 3 minutes on 2 CPU cores
     (measured, see the README); tests shrink the step counts and keep the code path."""
 
-    # built-in language (fastft.demo_data.DemoLanguage) and set sizes
+    # built-in language (fastft.data.demo_language.DemoLanguage) and set sizes
     language: DemoLanguage = field(default_factory=DemoLanguage)
     num_unlabeled: int = 4000  # pretraining documents
     num_heldout_unlabeled: int = 200  # for masked-LM perplexity
@@ -90,7 +92,7 @@ class DemoConfig:
     lr: dict = field(default_factory=lambda: {
         "full": 3e-4, "features": 3e-3, "lora": 2e-3, "gradual-unfreeze": 5e-4, SCRATCH: 3e-4,
     })
-    lora: dict = field(default_factory=lambda: {"rank": 4, "alpha": 8, "target_modules": "all-linear"})
+    lora: LoRA = field(default_factory=lambda: LoRA(rank=4, alpha=8, target_modules="all-linear"))
     strategies: tuple[str, ...] = STRATEGIES
 
 
@@ -223,6 +225,24 @@ def _curve(history: list[dict]) -> list[tuple[int, float]]:
     return [(h["epoch"], h["accuracy"]) for h in history if h.get("set") == "test" and "accuracy" in h]
 
 
+@dataclass
+class DemoData:
+    """The demo's texts, labelled rows and tokenizer (built-in language or the user's)."""
+
+    unlabeled: list[str]
+    heldout_text: list[str]
+    train_rows: list[dict]
+    validation_rows: list[dict]
+    test_rows: list[dict]
+    tokenizer: object
+    source: str
+
+    @property
+    def classes(self) -> list:
+        rows = self.train_rows + self.validation_rows + self.test_rows
+        return sorted({r["label"] for r in rows}, key=lambda v: (isinstance(v, str), v))
+
+
 def run_demo(
     config: DemoConfig | None = None,
     out_dir: str = "demo_out",
@@ -238,150 +258,41 @@ def run_demo(
     """Run the whole comparison and write ``results.md``, ``metrics.json``, ``curves.png``
     into ``out_dir``. ``model`` / ``data`` / ``labels``: see the module docstring (None:
     the built-in language). Returns a ``DemoResult``."""
-    import transformers
-
-    import fastft
-    from fastft.train.finetune import finetune  # (fastft.finetune once fastft.train exports it)
-    from fastft.train.guards import lm_view
-    from fastft.train.loop import evaluate, resolve_device
-
     config = config or DemoConfig()
     unknown = sorted(set(config.strategies) - set(STRATEGIES))
     if unknown:
         raise ValueError(f"strategies {unknown} are not part of the demo; choose from {STRATEGIES}")
-    user_mode = any(x is not None for x in (model, data, labels))
-    if user_mode and labels is None:
+    if any(x is not None for x in (model, data)) and labels is None:
         raise ValueError("--model / --data need --labels (a .csv or .jsonl with text,label) to fine-tune on")
     out_dir = os.path.abspath(out_dir)
     runs_dir = os.path.join(out_dir, "runs")
     shutil.rmtree(runs_dir, ignore_errors=True)  # the loop appends to metrics.jsonl: start clean
     os.makedirs(runs_dir, exist_ok=True)
-    transformers.logging.set_verbosity_error()  # "newly initialized weights" is the point here
-    if not progress:
-        import datasets
+    _quiet(progress)
 
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*fastft.patch unavailable.*")
-
-    # --- data -----------------------------------------------------------------------
-    if not user_mode:
-        language = dataclasses.replace(config.language, seed=seed)
-        unlabeled = language.unlabeled(config.num_unlabeled, seed_offset=0)
-        heldout_text = language.unlabeled(config.num_heldout_unlabeled, seed_offset=500)
-        train_rows = language.labelled(config.num_train, "train")
-        validation_rows = language.labelled(config.num_validation, "validation")
-        test_rows = language.labelled(config.num_test, "test")
-        tokenizer = build_word_tokenizer(language.vocabulary, config.max_length)
-        source = "built-in language (fastft.demo_data)"
-    else:
-        all_rows = read_labels(labels)
-        train_rows, test_rows, validation_rows = split_rows(all_rows, seed, (0.2, 0.1))
-        texts = read_texts(data) if data else [r["text"] for r in train_rows + validation_rows]
-        unlabeled, heldout_text = split_rows(texts, seed + 1, (0.1,))
-        if model is not None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-        else:
-            from fastft.data.toy import toy_tokenizer
-
-            tokenizer = toy_tokenizer(unlabeled, kind="bert", vocab_size=4000)
-        source = f"labels {labels}, unlabeled {list(data) if data else '(labelled texts)'}, model {model or 'small BERT'}"
-    classes = sorted({r["label"] for r in train_rows + validation_rows + test_rows}, key=lambda v: (isinstance(v, str), v))
-    chance = 1.0 / len(classes)
-    log(f"fastft demo: {source}")
-    log(f"  {len(unlabeled)} unlabeled documents ({len(heldout_text)} held out), labelled: {len(train_rows)} train / "
-        f"{len(validation_rows)} validation / {len(test_rows)} test, {len(classes)} classes (chance {chance:.2f})")
-
-    # --- 1. pretraining -------------------------------------------------------------
-    torch.manual_seed(seed)
-    if model is None:
-        mlm_model = transformers.BertForMaskedLM(_small_bert_config(config, len(tokenizer)))
-    else:
-        mlm_model = transformers.AutoModelForMaskedLM.from_pretrained(model)
-    pretrain_dir = os.path.join(runs_dir, "pretrain")
+    demo = _load_data(config, seed, model, data, labels)
+    chance = 1.0 / len(demo.classes)
+    log(f"fastft demo: {demo.source}")
+    log(f"  {len(demo.unlabeled)} unlabeled documents ({len(demo.heldout_text)} held out), labelled: "
+        f"{len(demo.train_rows)} train / {len(demo.validation_rows)} validation / {len(demo.test_rows)} test, "
+        f"{len(demo.classes)} classes (chance {chance:.2f})")
     # fastft.patch routes attention / loss through the fused kernels; on a CPU every op takes
     # its plain-torch path anyway (and attention dropout there draws its mask slowly), so
     # the patch only runs where it can pay off.
-    fused = resolve_device(device).type == "cuda"
-    common = dict(seed=seed, device=device, progress=progress, plot=False, log_every=10, fused=fused)
-    state, pre_wall, pre_cpu = _timed(
-        fastft.pretrain, mlm_model, tokenizer, {"train": unlabeled, "validation": heldout_text}, objective="mlm",
-        output_dir=pretrain_dir, max_steps=config.pretrain_steps, batch_size=config.pretrain_batch_size,
-        lr=config.pretrain_lr, schedule__warmup_ratio=0.06, block_size=config.max_length, packing=False,
-        eval_every=max(1, config.pretrain_steps // 4), export=True, **common,
-    )
-    pretrained_path = state.export_path
-    steps, losses, eval_steps, eval_losses = _train_curve(os.path.join(pretrain_dir, "metrics.jsonl"))
-    pretraining = {
-        "steps": config.pretrain_steps, "wall_s": pre_wall, "cpu_s": pre_cpu, "path": pretrained_path,
-        "heldout_perplexity": state.last_eval.get("perplexity"),
-        "loss_curve": {"step": steps, "loss": losses, "eval_step": eval_steps, "eval_loss": eval_losses},
-        "parameters": sum(p.numel() for p in state.model.parameters()),
-    }
-    log(f"  pretraining: {config.pretrain_steps} steps in {pre_wall:.1f}s (cpu {pre_cpu:.1f}s), held-out masked-LM "
-        f"perplexity {pretraining['heldout_perplexity']:.2f}")
+    common = dict(seed=seed, device=device, progress=progress, plot=False, log_every=10,
+                  fused=resolve_device(device).type == "cuda")
 
-    def mlm_perplexity(lm_model) -> float:
-        # Unpacked documents and seed as in pretraining's evaluation: the same masks, so
-        # "before" equals pretraining's last held-out perplexity.
-        metrics = evaluate(lm_model, heldout_text, "mlm", tokenizer=tokenizer, batch_size=config.pretrain_batch_size,
-                           block_size=config.max_length, packing=False, seed=seed)
-        return float(metrics["perplexity"])
-
-    perplexity_before = mlm_perplexity(state.model)
-    del state, mlm_model
-
-    # --- 2. fine-tuning, 3. from scratch ---------------------------------------------
-    finetune_data = {"train": train_rows, "validation": validation_rows, "test": test_rows}
-    ft_common = dict(
-        task="classification", labels=classes, task_options={"max_length": config.max_length},
-        epochs=config.epochs, batch_size=config.batch_size, eval_every=0, save=False, generate=False,
-        select_metric="loss", **common,
-    )
+    # 1. pretraining, 2. fine-tuning four ways, 3. from scratch
+    pretraining, perplexity = _pretrain_stage(config, demo, model, os.path.join(runs_dir, "pretrain"), common, log)
     rows, curves = [], {}
-    runs = [(s, "pretrained") for s in config.strategies] + [(SCRATCH, "random")]
-    for name, init in runs:
-        if init == "pretrained":
-            result, wall, cpu = _timed(
-                finetune, pretrained_path, pretrained_path, finetune_data, strategy=name, measure_forgetting=False,
-                strategy_options=config.lora if name == "lora" else None,
-                output_dir=os.path.join(runs_dir, name), lr=config.lr[name], **ft_common,
-            )
-        else:
-            torch.manual_seed(seed)
-            hf_config = transformers.AutoConfig.from_pretrained(
-                pretrained_path, num_labels=len(classes),
-                id2label={i: str(c) for i, c in enumerate(classes)}, label2id={str(c): i for i, c in enumerate(classes)},
-            )
-            scratch_model = transformers.AutoModelForSequenceClassification.from_config(hf_config)
-            result, wall, cpu = _timed(
-                finetune, scratch_model, tokenizer, finetune_data, strategy="full", measure_forgetting=False,
-                output_dir=os.path.join(runs_dir, name), lr=config.lr[SCRATCH], **ft_common,
-            )
-        trainable = sum(p.numel() for p in result.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in result.model.parameters())
-        # The pretraining objective after fine-tuning: the fine-tuned backbone under the
-        # pretrained MLM head (shared, see fastft.train.guards.lm_view), same text and masks.
-        after = mlm_perplexity(lm_view(result.model, pretrained_path)) if init == "pretrained" else None
-        row = {
-            "run": name,
-            "init": init,
-            "test_accuracy": result.metrics["test"]["accuracy"],
-            "validation_accuracy": result.metrics["validation"]["accuracy"],
-            "trainable_params": trainable,
-            "total_params": total,
-            "wall_s": wall,
-            "cpu_s": cpu,
-            "perplexity_before": perplexity_before if init == "pretrained" else None,
-            "perplexity_after": after,
-            "best_epoch_step": result.best_step,
-        }
+    for name in [*config.strategies, SCRATCH]:
+        row, curves[name] = _finetune_run(config, demo, name, pretraining, perplexity, os.path.join(runs_dir, name),
+                                          common)
         rows.append(row)
-        curves[name] = _curve(result.history)
-        log(f"  {name:<17} held-out accuracy {row['test_accuracy']:.3f}  ({wall:.1f}s, cpu {cpu:.1f}s)")
-        del result
+        log(f"  {name:<17} held-out accuracy {row['test_accuracy']:.3f}  ({row['wall_s']:.1f}s, cpu {row['cpu_s']:.1f}s)")
 
-    table = format_table(rows, pretraining, chance, len(test_rows))
+    # 4. the report
+    table = format_table(rows, pretraining, chance, len(demo.test_rows))
     files = {
         "table": os.path.join(out_dir, "results.md"),
         "metrics": os.path.join(out_dir, "metrics.json"),
@@ -392,9 +303,135 @@ def run_demo(
     plot_demo(pretraining["loss_curve"], curves, chance, files["plot"])
     result = DemoResult(rows=rows, pretraining=pretraining, curves=curves, chance=chance, table=table, files=files)
     with open(files["metrics"], "w") as f:
-        json.dump({**dataclasses.asdict(result), "config": _config_dict(config), "seed": seed, "source": source,
+        json.dump({**dataclasses.asdict(result), "config": _config_dict(config), "seed": seed, "source": demo.source,
                    "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f, indent=2, default=str)
     return result
+
+
+def _quiet(progress: bool) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # "newly initialized weights" is the point here
+    if not progress:
+        import datasets
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*fastft.patch unavailable.*")
+
+
+def _load_data(config: DemoConfig, seed: int, model: str | None, data, labels: str | None) -> DemoData:
+    """The built-in language's documents and labelled sets, or the user's files split
+    70/10/20 (and a tokenizer: the model's, else one trained on the texts)."""
+    if labels is None:
+        language = dataclasses.replace(config.language, seed=seed)
+        return DemoData(
+            unlabeled=language.unlabeled(config.num_unlabeled, seed_offset=0),
+            heldout_text=language.unlabeled(config.num_heldout_unlabeled, seed_offset=500),
+            train_rows=language.labelled(config.num_train, "train"),
+            validation_rows=language.labelled(config.num_validation, "validation"),
+            test_rows=language.labelled(config.num_test, "test"),
+            tokenizer=build_word_tokenizer(language.vocabulary, config.max_length),
+            source="built-in language (fastft.data.demo_language)",
+        )
+    train_rows, test_rows, validation_rows = split_rows(read_labels(labels), seed, (0.2, 0.1))
+    texts = read_texts(data) if data else [r["text"] for r in train_rows + validation_rows]
+    unlabeled, heldout_text = split_rows(texts, seed + 1, (0.1,))
+    if model is not None:
+        import transformers
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    else:
+        from fastft.data.toy import toy_tokenizer
+
+        tokenizer = toy_tokenizer(unlabeled, kind="bert", vocab_size=4000)
+    source = f"labels {labels}, unlabeled {list(data) if data else '(labelled texts)'}, model {model or 'small BERT'}"
+    return DemoData(unlabeled, heldout_text, train_rows, validation_rows, test_rows, tokenizer, source)
+
+
+def _pretrain_stage(config: DemoConfig, demo: DemoData, model: str | None, run_dir: str, common: dict, log):
+    """Masked-LM pretraining (from scratch, or continued from ``model``), exported for the
+    fine-tuning runs. Returns (a summary, ``perplexity(lm_model)`` on the held-out text)."""
+    import transformers
+
+    import fastft
+
+    torch.manual_seed(common["seed"])
+    if model is None:
+        mlm_model = transformers.BertForMaskedLM(_small_bert_config(config, len(demo.tokenizer)))
+    else:
+        mlm_model = transformers.AutoModelForMaskedLM.from_pretrained(model)
+    state, wall, cpu = _timed(
+        fastft.pretrain, mlm_model, demo.tokenizer, {"train": demo.unlabeled, "validation": demo.heldout_text},
+        objective="mlm", output_dir=run_dir, max_steps=config.pretrain_steps, batch_size=config.pretrain_batch_size,
+        lr=config.pretrain_lr, schedule__warmup_ratio=0.06, block_size=config.max_length, packing=False,
+        eval_every=max(1, config.pretrain_steps // 4), export=True, **common,
+    )
+    steps, losses, eval_steps, eval_losses = _train_curve(os.path.join(run_dir, "metrics.jsonl"))
+    pretraining = {
+        "steps": config.pretrain_steps, "wall_s": wall, "cpu_s": cpu, "path": state.export_path,
+        "heldout_perplexity": state.last_eval.get("perplexity"),
+        "loss_curve": {"step": steps, "loss": losses, "eval_step": eval_steps, "eval_loss": eval_losses},
+        "parameters": sum(p.numel() for p in state.model.parameters()),
+    }
+    log(f"  pretraining: {config.pretrain_steps} steps in {wall:.1f}s (cpu {cpu:.1f}s), held-out masked-LM "
+        f"perplexity {pretraining['heldout_perplexity']:.2f}")
+
+    def perplexity(lm_model) -> float:
+        # Unpacked documents and seed as in pretraining's evaluation: the same masks, so
+        # "before" equals pretraining's last held-out perplexity.
+        metrics = fastft.evaluate(lm_model, demo.heldout_text, "mlm", tokenizer=demo.tokenizer,
+                                  batch_size=config.pretrain_batch_size, block_size=config.max_length, packing=False,
+                                  seed=common["seed"])
+        return float(metrics["perplexity"])
+
+    pretraining["perplexity_before"] = perplexity(state.model)
+    return pretraining, perplexity
+
+
+def _finetune_run(config: DemoConfig, demo: DemoData, name: str, pretraining: dict, perplexity, run_dir: str,
+                  common: dict) -> tuple[dict, list]:
+    """One fine-tuning run (a strategy on the pretrained model, or ``scratch``: full
+    fine-tuning of a randomly initialised copy). Returns its table row and accuracy curve."""
+    import transformers
+
+    import fastft
+    from fastft.finetuning import ClassificationTask, lm_view
+
+    pretrained_path = pretraining["path"]
+    data = {"train": demo.train_rows, "validation": demo.validation_rows, "test": demo.test_rows}
+    options = dict(task=ClassificationTask(labels=demo.classes, max_length=config.max_length), epochs=config.epochs,
+                   batch_size=config.batch_size, eval_every=0, save=False, generate=False, select_metric="loss",
+                   measure_forgetting=False, output_dir=run_dir, lr=config.lr[name], **common)
+    if name == SCRATCH:
+        torch.manual_seed(common["seed"])
+        hf_config = transformers.AutoConfig.from_pretrained(
+            pretrained_path, num_labels=len(demo.classes),
+            id2label={i: str(c) for i, c in enumerate(demo.classes)},
+            label2id={str(c): i for i, c in enumerate(demo.classes)},
+        )
+        scratch_model = transformers.AutoModelForSequenceClassification.from_config(hf_config)
+        result, wall, cpu = _timed(fastft.finetune, scratch_model, demo.tokenizer, data, strategy="full", **options)
+    else:
+        strategy = config.lora if name == "lora" else name
+        result, wall, cpu = _timed(fastft.finetune, pretrained_path, pretrained_path, data, strategy=strategy, **options)
+    # The pretraining objective after fine-tuning: the fine-tuned backbone under the
+    # pretrained MLM head (shared, see fastft.finetuning.guards.lm_view), same text and masks.
+    pretrained = name != SCRATCH
+    row = {
+        "run": name,
+        "init": "pretrained" if pretrained else "random",
+        "test_accuracy": result.metrics["test"]["accuracy"],
+        "validation_accuracy": result.metrics["validation"]["accuracy"],
+        "trainable_params": sum(p.numel() for p in result.model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in result.model.parameters()),
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "perplexity_before": pretraining["perplexity_before"] if pretrained else None,
+        "perplexity_after": perplexity(lm_view(result.model, pretrained_path)) if pretrained else None,
+        "best_epoch_step": result.best_step,
+    }
+    return row, _curve(result.history)
 
 
 def _config_dict(config: DemoConfig) -> dict:

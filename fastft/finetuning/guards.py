@@ -1,8 +1,9 @@
 """Forgetting guards for fine-tuning, and the measurement of forgetting itself.
 
 Fine-tuning on a small labelled set can erase what pretraining taught ("catastrophic
-forgetting"). Three guards, each an ``extra_loss`` of the training loop (``fn(model) ->
-0-dim tensor``, added once per optimizer step):
+forgetting"). Three guards, chosen with the typed options ``Replay(...)``, ``L2SP(...)``,
+``EWC(...)`` (or their names), each building an ``extra_loss`` of the training loop
+(``fn(model) -> 0-dim tensor``, added once per optimizer step):
 
 - ``ReplayGuard``: a fraction of the steps also take the pretraining loss (masked-LM or
   causal-LM) on a batch of unlabeled text (rehearsal, as in ULMFiT-style mixed objectives);
@@ -27,13 +28,19 @@ the perplexity change measures the backbone's drift alone.
 
 from __future__ import annotations
 
-import copy
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["EWCGuard", "L2SPGuard", "ReplayGuard", "build_guard", "lm_perplexity", "lm_view"]
+from fastft.data.batching import fetch, to_device
+from fastft.data.pipeline import prepare_lm_data
+from fastft.train.config import Option
+from fastft.train.evaluation import evaluate
+from fastft.train.objectives import model_inputs, objective_for
+
+__all__ = ["EWC", "L2SP", "EWCGuard", "Guard", "L2SPGuard", "Replay", "ReplayGuard", "lm_perplexity", "lm_view"]
 
 
 def _backbone_name(model: nn.Module) -> str:
@@ -87,27 +94,18 @@ def lm_view(task_model: nn.Module, lm_model: nn.Module | str | None = None) -> n
     return lm_model
 
 
-def _objective_of(model: nn.Module) -> str:
-    return "clm" if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else "mlm"
-
-
 def lm_perplexity(lm_model: nn.Module, texts, tokenizer, *, block_size: int = 64, batch_size: int = 8,
                   seed: int = 0) -> float:
     """Perplexity of the pretraining objective (masked-LM for encoders, causal-LM for
     decoders) on ``texts`` — the same masks at every call (fixed ``seed``)."""
-    from fastft.train.loop import evaluate
-
-    metrics = evaluate(lm_model, list(texts), _objective_of(lm_model), tokenizer=tokenizer, batch_size=batch_size,
+    metrics = evaluate(lm_model, list(texts), objective_for(lm_model), tokenizer=tokenizer, batch_size=batch_size,
                        block_size=block_size, seed=seed)
     return float(metrics["perplexity"])
 
 
 def _lm_batches(lm_model, texts, tokenizer, *, block_size: int, batch_size: int, seed: int):
     """An endless stream of pretraining batches (collated, on the model's device)."""
-    from fastft.data.pipeline import prepare_lm_data
-    from fastft.train.loop import fetch, to_device
-
-    data, collator = prepare_lm_data(list(texts), tokenizer, _objective_of(lm_model), seed=seed, block_size=block_size)
+    data, collator = prepare_lm_data(list(texts), tokenizer, objective_for(lm_model), seed=seed, block_size=block_size)
     generator = torch.Generator().manual_seed(seed)
     device = next(lm_model.parameters()).device
     while True:
@@ -117,8 +115,6 @@ def _lm_batches(lm_model, texts, tokenizer, *, block_size: int, batch_size: int,
 
 
 def _mean_lm_loss(lm_model, batch) -> torch.Tensor:
-    from fastft.train.objectives import model_inputs
-
     return lm_model(**model_inputs(lm_model, batch)).loss.float()
 
 
@@ -229,27 +225,57 @@ class EWCGuard:
         return total
 
 
-GUARDS = (None, "replay", "l2sp", "ewc")
+# ------------------------------------------------------------------------ the options
 
 
-def build_guard(name: str | None, model, *, lm_model=None, texts=None, tokenizer=None, head_names=(), seed: int = 0,
-                **options):
-    """The guard ``name`` (``"replay" | "l2sp" | "ewc"`` or None) as an extra-loss function.
+class Guard(Option):
+    """A forgetting guard: ``build(...)`` returns the loop's extra loss ``fn(model) -> tensor``."""
 
-    Raises:
-        ValueError: unknown name; replay / EWC without unlabeled ``texts``.
-        TypeError: options the guard does not take.
-    """
-    if name not in GUARDS:
-        raise ValueError(f"guard must be one of {GUARDS}, got {name!r}")
-    if name is None:
-        if options:
-            raise TypeError(f"guard_options {sorted(options)} given without a guard")
-        return None
-    if name == "l2sp":
-        return L2SPGuard(model, head_names=head_names, **options)
-    if not texts:
-        raise ValueError(f"guard {name!r} needs unlabeled pretraining text (pretraining_data=...)")
-    if name == "replay":
-        return ReplayGuard(lm_model, texts, tokenizer, seed=seed, **options)
-    return EWCGuard(model, lm_model, texts, tokenizer, seed=seed, **options)
+    kind: ClassVar[str] = "guard"
+
+    needs_text: ClassVar[bool] = False  # needs unlabeled pretraining text (and the LM view)
+
+    def build(self, model, *, lm_model, texts, tokenizer, head_names, seed: int, block_size: int) -> Callable:
+        raise NotImplementedError
+
+
+@dataclass
+class Replay(Guard):
+    """Replay the pretraining loss on a ``fraction`` of the steps, times ``weight``."""
+
+    name: ClassVar[str] = "replay"
+    needs_text: ClassVar[bool] = True
+    fraction: float = 0.5
+    weight: float = 1.0
+    batch_size: int = 8
+
+    def build(self, model, *, lm_model, texts, tokenizer, head_names, seed, block_size):
+        return ReplayGuard(lm_model, texts, tokenizer, fraction=self.fraction, weight=self.weight,
+                           block_size=block_size, batch_size=self.batch_size, seed=seed)
+
+
+@dataclass
+class L2SP(Guard):
+    """α/2 · ‖w − w⁰‖² towards the pretrained weights, β/2 · ‖w_head‖² on the new head."""
+
+    name: ClassVar[str] = "l2sp"
+    alpha: float = 0.01
+    beta: float = 0.0
+
+    def build(self, model, *, lm_model, texts, tokenizer, head_names, seed, block_size):
+        return L2SPGuard(model, alpha=self.alpha, beta=self.beta, head_names=head_names)
+
+
+@dataclass
+class EWC(Guard):
+    """λ/2 · Σ F (w − w⁰)² with the pretraining objective's diagonal Fisher F."""
+
+    name: ClassVar[str] = "ewc"
+    needs_text: ClassVar[bool] = True
+    strength: float = 1.0
+    num_batches: int = 8
+    batch_size: int = 8
+
+    def build(self, model, *, lm_model, texts, tokenizer, head_names, seed, block_size):
+        return EWCGuard(model, lm_model, texts, tokenizer, strength=self.strength, num_batches=self.num_batches,
+                        block_size=block_size, batch_size=self.batch_size, seed=seed)
