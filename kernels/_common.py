@@ -50,3 +50,15 @@ def mix32(value: int) -> int:
 def dropout_params(dropout_p: float, seed: int) -> tuple[int, int]:
     """(seed key, keep threshold on 24 bits) of lora_linear's dropout mask, shared by every backend."""
     return mix32(seed % (1 << 32)), math.ceil(dropout_p * (1 << 24))
+
+
+# --------------------------------------------------------------------------- attention dropout
+# The mask definition is in fastft/ops/attention.py's docstring (attention_dropout_mask).
+
+ATTENTION_DROPOUT_BITS = 16  # random bits per keep decision: 8 decisions per Philox-4x32 call
+
+
+def attention_dropout_threshold(dropout_p: float) -> int:
+    """A score is kept when its 16 random bits are >= this: probability ``1 - dropout_p`` to
+    within 2⁻¹⁷ (the 1 / (1 - dropout_p) rescaling uses the exact ``dropout_p``)."""
+    return min(round(dropout_p * (1 << ATTENTION_DROPOUT_BITS)), (1 << ATTENTION_DROPOUT_BITS) - 1)

@@ -19,10 +19,13 @@ dimension is padded to the next power of two >= 16 and masked on every load/stor
 Variable-length batches use the same kernels: a "batch" index is a document, its rows
 start at ``cu_seqlens[doc]`` and its length is ``cu_seqlens[doc + 1] - cu_seqlens[doc]``.
 
-Dropout: score ``(b, h, i, j)`` is kept when ``tl.rand(seed + ((b * heads_q + h) << 32),
-uint32(i * seq_k + j)) >= dropout_p``; the forward and both backward kernels draw the same
-numbers (Philox is counter based), and ``fastft.ops.attention.attention_dropout_mask``
-reproduces them in torch.
+Dropout: one Philox-4x32 call (``tl.randint4x``) gives 128 random bits, 16 per keep
+decision, so one call serves 8 consecutive keys of a query row (FlashAttention-2 draws
+its bits the same way): score ``(b, h, i, j)`` uses call ``(key = seed + ((b * heads_q +
+h) << 32), counter = i * ceil(seq_k / 8) + j // 8)``, 16-bit half ``j % 2`` of output word
+``(j % 8) // 2``, and is kept when those bits are ``>= round(dropout_p * 2^16)``. The
+forward and both backward kernels draw the same numbers (Philox is counter based), and
+``fastft.ops.attention.attention_dropout_mask`` reproduces them in torch.
 
 Scores are kept in base 2 (``qk_scale = softmax_scale * log2(e)``) so the kernels use
 ``exp2``; ``lse`` is stored in natural log (the convention shared with the CUDA backend).
@@ -36,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastft.kernels._common import interpreting_triton
+from fastft.kernels._common import attention_dropout_threshold, interpreting_triton
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453
@@ -85,12 +88,22 @@ _AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM_PAD", "CAUSAL", "HAS_PADDING_MASK", "IS
 
 
 @triton.jit
-def _keep_mask(seed, bh, counter, dropout_p):
-    """Bool block: which scores survive dropout. Counter-based Philox: key = seed +
-    (batch * heads_q + head) << 32, counter = i * seq_k + j mod 2**32 (``counter`` is given
-    as int64 i * seq_k + j in the block's orientation)."""
+def _keep_mask(seed, bh, rows, start_n, seq_len_k, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: which scores of query rows ``rows`` and keys ``start_n +
+    [0, BLOCK_N)`` survive dropout (``start_n`` and BLOCK_N multiples of 8). One Philox
+    call per 8 scores: counter ``i * ceil(seq_k / 8) + j // 8``; its four 32-bit words hold
+    the 16-bit draws of keys j % 8 = 0, 1 (word 0, low / high half), 2, 3 (word 1), ..."""
     key = seed + (bh.to(tl.int64) << 32)
-    return tl.rand(key, counter.to(tl.uint32)) >= dropout_p
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)  # (BN/8,)
+    counter = (rows[:, None].to(tl.int64) * ((seq_len_k + 7) // 8) + groups[None, :]).to(tl.uint32)  # mod 2^32
+    r0, r1, r2, r3 = tl.randint4x(key, counter)  # (BM, BN/8) each
+    # Interleave the eight 16-bit draws d_t back into key order j = 8 c + t: join stacks
+    # along a new last axis, so the innermost join is t's lowest bit (t = 4 t2 + 2 t1 + t0).
+    low, high = 0xFFFF, 16
+    even = tl.join(tl.join(r0 & low, r2 & low), tl.join(r1 & low, r3 & low))  # t0 = 0: t = 0, 4, 2, 6
+    odd = tl.join(tl.join(r0 >> high, r2 >> high), tl.join(r1 >> high, r3 >> high))  # t0 = 1: t = 1, 5, 3, 7
+    draws = tl.reshape(tl.join(even, odd), (BLOCK_M, BLOCK_N))
+    return draws.to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -120,7 +133,7 @@ def _sequence_bounds(CuSeqlens, batch_index, seq_q, seq_k, IS_VARLEN: tl.constex
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "dropout_threshold"])
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse, KeyPaddingMask, CuSeqlens,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -130,7 +143,7 @@ def _attention_fwd_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_mb, stride_ms,
     heads_q, group_size, seq_q, seq_k, head_dim,
-    softmax_scale, dropout_p, seed, seq_bucket,
+    softmax_scale, dropout_p, dropout_threshold, seed, seq_bucket,
     HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -186,7 +199,8 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:  # normalise with every probability, accumulate only the kept ones
-            p = tl.where(_keep_mask(seed, bh, offs_m[:, None].to(tl.int64) * seq_len_k + cols[None, :], dropout_p), p, 0.0)
+            keep = _keep_mask(seed, bh, offs_m, start_n, seq_len_k, dropout_threshold, BLOCK_M, BLOCK_N)
+            p = tl.where(keep, p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
@@ -236,7 +250,7 @@ def _attention_bwd_delta_kernel(
 
 
 @triton.autotune(configs=BWD_KV_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "dropout_threshold"])
 def _attention_bwd_dkdv_kernel(
     Q, K, V, GradOut, Lse, Delta, GradK, GradV, KeyPaddingMask, CuSeqlens,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -245,13 +259,15 @@ def _attention_bwd_dkdv_kernel(
     stride_gb, stride_gh, stride_gs, stride_gd,
     stride_lb, stride_lh, stride_ls,
     stride_mb, stride_ms,
-    heads_q, heads_kv, group_size, seq_q, seq_k, head_dim,
-    softmax_scale, dropout_p, seed, seq_bucket,
+    heads_q, heads_kv, group_size, heads_per_split, stride_split, seq_q, seq_k, head_dim,
+    softmax_scale, dropout_p, dropout_threshold, seed, seq_bucket,
     HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV of one key block of one kv head: loops over the query blocks of every query
-    head in its group (GQA), so each dK/dV element has one writer and no atomics.
+    """dK, dV of one key block of one kv head: loops over the query blocks of the query
+    heads of its group (GQA) that its split holds (program_id(2): heads [split *
+    heads_per_split, ...)), so each element of its dK/dV (of the split's partial, written
+    ``stride_split`` elements further per split) has one writer and no atomics.
 
     Works on transposed scores (keys along rows): sᵀ = K Qᵀ, pᵀ = exp(sᵀ - lse),
     dV += (pᵀ∘Z) dO, dpᵀ = (V dOᵀ)∘Z, dsᵀ = pᵀ∘(dpᵀ - delta), dK += dsᵀ Q.
@@ -284,7 +300,8 @@ def _attention_bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:  # queries before this key block never see it
         lo = (start_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    for g in range(0, group_size):
+    split = tl.program_id(2)
+    for g in range(split * heads_per_split, tl.minimum(group_size, (split + 1) * heads_per_split)):
         head = head_kv * group_size + g
         bh = batch * heads_q + head  # the dropout key uses the query head
         q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + row0.to(tl.int64) * stride_qs
@@ -314,7 +331,8 @@ def _attention_bwd_dkdv_kernel(
             p_t = tl.where(valid_t, tl.exp2(s_t - lse[None, :]), 0.0)
             dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M) = (dO Vᵀ)ᵀ
             if HAS_DROPOUT:
-                keep_t = _keep_mask(seed, bh, rows[None, :].to(tl.int64) * seq_len_k + offs_n[:, None], dropout_p)
+                keep_t = tl.trans(_keep_mask(seed, bh, rows, start_n * BLOCK_N, seq_len_k, dropout_threshold,
+                                             BLOCK_M, BLOCK_N))  # (BLOCK_N, BLOCK_M)
                 p_dropped_t = tl.where(keep_t, p_t / (1.0 - dropout_p), 0.0)
                 dp_t = tl.where(keep_t, dp_t / (1.0 - dropout_p), 0.0)
             else:
@@ -324,9 +342,9 @@ def _attention_bwd_dkdv_kernel(
             grad_k += tl.dot(ds_t.to(q.dtype), q)
 
     grad_k = grad_k * softmax_scale  # S = scale · Q Kᵀ
-    gk_base = (GradK + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
+    gk_base = (GradK + split.to(tl.int64) * stride_split + batch.to(tl.int64) * stride_kb + head_kv.to(tl.int64) * stride_kh
                + row0.to(tl.int64) * stride_ks)
-    gv_base = (GradV + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
+    gv_base = (GradV + split.to(tl.int64) * stride_split + batch.to(tl.int64) * stride_vb + head_kv.to(tl.int64) * stride_vh
                + row0.to(tl.int64) * stride_vs)
     tl.store(gk_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
              grad_k.to(GradK.dtype.element_ty), mask=kv_mask)
@@ -335,7 +353,7 @@ def _attention_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=BWD_Q_CONFIGS, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_for_head_dim})
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "dropout_threshold"])
 def _attention_bwd_dq_kernel(
     Q, K, V, GradOut, Lse, Delta, GradQ, KeyPaddingMask, CuSeqlens,
     stride_qb, stride_qh, stride_qs, stride_qd,
@@ -345,7 +363,7 @@ def _attention_bwd_dq_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_mb, stride_ms,
     heads_q, group_size, seq_q, seq_k, head_dim,
-    softmax_scale, dropout_p, seed, seq_bucket,
+    softmax_scale, dropout_p, dropout_threshold, seed, seq_bucket,
     HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -395,7 +413,7 @@ def _attention_bwd_dq_kernel(
         p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
-            keep = _keep_mask(seed, bh, offs_m[:, None].to(tl.int64) * seq_len_k + cols[None, :], dropout_p)
+            keep = _keep_mask(seed, bh, offs_m, start_n, seq_len_k, dropout_threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         grad_q += tl.dot(ds.to(k.dtype), k)
@@ -454,6 +472,24 @@ class _Problem:
                 self.cu_seqlens if self.cu_seqlens is not None else q)
 
 
+# The dK/dV grid is split over query heads when it has fewer programs than this many per SM
+# (with a nominal 64-key block): one wave of several programs per SM hides their latency.
+KV_PROGRAMS_PER_SM = 2
+
+
+def _kv_splits(problem: _Problem, device: torch.device) -> int:
+    """How many ways to split each GQA group's query heads in the dK/dV kernel (1: none)."""
+    if problem.group_size == 1:
+        return 1
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        wanted = KV_PROGRAMS_PER_SM * torch.cuda.get_device_properties(index).multi_processor_count
+    else:
+        wanted = 8  # interpreter: small test shapes split too, so the split path is tested
+    programs = triton.cdiv(max(problem.seq_k, 1), 64) * problem.batch * problem.heads_kv
+    return max(1, min(problem.group_size, triton.cdiv(wanted, programs)))
+
+
 def attention_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, causal, softmax_scale, dropout_p, seed):
     """Triton forward: returns ``out`` (q's shape, contiguous) and ``lse`` (fp32, natural log,
     ``(B, Hq, Sq)`` or ``(Hq, total)`` for varlen)."""
@@ -467,7 +503,7 @@ def attention_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, causal,
         *_strides4(q, problem.varlen), *_strides4(k, problem.varlen), *_strides4(v, problem.varlen),
         *_strides4(out, problem.varlen), *problem.lse_strides, *problem.mask_strides,
         problem.heads_q, problem.group_size, problem.seq_q, problem.seq_k, problem.head_dim,
-        float(softmax_scale), float(dropout_p), int(seed), problem.seq_bucket,
+        float(softmax_scale), float(dropout_p), attention_dropout_threshold(dropout_p), int(seed), problem.seq_bucket,
         **problem.flags,
     )
     return out, lse
@@ -496,13 +532,28 @@ def attention_backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens
         *_strides4(q, varlen), *_strides4(k, varlen), *_strides4(v, varlen), *_strides4(grad_out, varlen),
         *problem.lse_strides, *problem.mask_strides,
     )
-    scalars = (float(softmax_scale), float(dropout_p), int(seed), problem.seq_bucket)
-    grid_kv = lambda meta: (triton.cdiv(problem.seq_k, meta["BLOCK_N"]), problem.batch * problem.heads_kv)  # noqa: E731
+    scalars = (float(softmax_scale), float(dropout_p), attention_dropout_threshold(dropout_p), int(seed),
+               problem.seq_bucket)
+    # Grouped-query attention with short sequences gives few (key block, kv head) programs:
+    # then the query heads of a group are split over a third grid axis, each split writing
+    # an fp32 partial dK / dV that torch sums (in a fixed order: deterministic).
+    heads_per_split = triton.cdiv(problem.group_size, _kv_splits(problem, q.device))
+    splits = triton.cdiv(problem.group_size, heads_per_split)
+    if splits > 1:
+        grad_k_out = torch.empty((splits, *k.shape), dtype=torch.float32, device=k.device)
+        grad_v_out = torch.empty((splits, *v.shape), dtype=torch.float32, device=v.device)
+    else:
+        grad_k_out, grad_v_out = grad_k, grad_v
+    grid_kv = lambda meta: (triton.cdiv(problem.seq_k, meta["BLOCK_N"]), problem.batch * problem.heads_kv, splits)  # noqa: E731
     _attention_bwd_dkdv_kernel[grid_kv](
-        q, k, v, grad_out, lse, delta, grad_k, grad_v, padding, cu, *strides,
-        problem.heads_q, problem.heads_kv, problem.group_size, problem.seq_q, problem.seq_k, problem.head_dim,
+        q, k, v, grad_out, lse, delta, grad_k_out, grad_v_out, padding, cu, *strides,
+        problem.heads_q, problem.heads_kv, problem.group_size, heads_per_split, k.numel(),
+        problem.seq_q, problem.seq_k, problem.head_dim,
         *scalars, **problem.flags,
     )
+    if splits > 1:
+        grad_k = grad_k_out.sum(dim=0).to(k.dtype)
+        grad_v = grad_v_out.sum(dim=0).to(v.dtype)
     grid_q = lambda meta: (triton.cdiv(problem.seq_q, meta["BLOCK_M"]), problem.batch * problem.heads_q)  # noqa: E731
     _attention_bwd_dq_kernel[grid_q](
         q, k, v, grad_out, lse, delta, grad_q, padding, cu, *strides,

@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastft.kernels._autotune import config, for_target
 from fastft.kernels._common import interpreting_triton
 
 __all__ = ["linear_cross_entropy_rows"]
@@ -86,23 +87,21 @@ PROGRAMS_PER_SM = 2
 NOMINAL_BLOCK_M = 128
 
 
-def _config(block_m, block_v, block_h, num_warps, num_stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_H": block_h},
-                         num_warps=num_warps, num_stages=num_stages)
+def _config(block_m, block_v, block_h, num_warps, num_stages, inputs, archs=(80, 90)):
+    return config({"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_H": block_h}, num_warps, num_stages, archs,
+                  inputs=inputs)
 
 
-# Configs for Hopper / Ampere: big tiles feed the tensor cores (wgmma wants BLOCK_M >= 64
-# per warpgroup) and amortise the reload of the h block per vocab tile; 3-4 pipeline
-# stages (cp.async) hide the global-load latency of the H loop. The forward holds one
-# fp32 (BLOCK_M, BLOCK_V) accumulator, so it affords BLOCK_V = 256 with 8 warps; the
-# backward also holds the 16-bit dlogits tile and two (., BLOCK_H) products, so it stays
-# at 128 x 128. Small-BLOCK_M entries serve batches with few labelled rows. fp32 inputs
-# take twice the registers / shared memory per element, so they get BLOCK_H = 32 configs
-# (16-bit inputs BLOCK_H = 64); `_configs_for_dtype` keeps only the ones for the input
-# dtype before autotuning. Every config here was compiled ahead of time for sm_90
-# (triton 3.9, contiguous inputs, no GPU needed) and uses wgmma without spilling
-# registers; candidates that spilled (128 x 256 x 64 forward, 128 x 128 x 32 fp32
-# backward, 32-row blocks, which also fall back from wgmma to mma.sync) were dropped.
+# Configs per input width and architecture: big tiles feed the tensor cores (wgmma wants
+# BLOCK_M >= 64 per warpgroup) and amortise the reload of the h block per vocab tile; 3-4
+# pipeline stages hide the global-load latency of the H loop. The forward holds one fp32
+# (BLOCK_M, BLOCK_V) accumulator; the backward also holds the 16-bit dlogits tile and two
+# (., BLOCK_H) products. Small-BLOCK_M entries serve batches with few labelled rows. Every
+# config is compiled ahead of time for sm_80 and sm_90 (python -m fastft.kernels.aot, in
+# CI: register spills fail it) and kept only for the architectures where it neither spills
+# nor exceeds shared memory: on sm_80 (mma.sync, no wgmma, accumulators in registers) the
+# backward needs BLOCK_H = 32 (16 for fp32) where sm_90 affords 64 (32). Numbers in
+# benchmarks/NOTES.md ("Triton configs, ahead of time").
 #
 # Under the interpreter one config replaces the list: its cost is Python overhead per
 # program and per op (numpy does the arithmetic), so 64 x 64 x 32 runs ~8x faster than
@@ -110,37 +109,42 @@ def _config(block_m, block_v, block_h, num_warps, num_stages):
 # blocks in every dimension and several multi-tile vocab splits, which exercises every
 # mask and loop.
 if INTERPRETING:
-    FWD_CONFIGS = [_config(64, 64, 32, 1, 1)]
-    BWD_CONFIGS = [_config(64, 64, 32, 1, 1)]
+    FWD_CONFIGS = [_config(64, 64, 32, 1, 1, "any")]
+    BWD_CONFIGS = [_config(64, 64, 32, 1, 1, "any")]
 else:
     FWD_CONFIGS = [
-        # 16-bit inputs
-        _config(128, 128, 64, 8, 4),
-        _config(128, 128, 64, 8, 3),
-        _config(64, 256, 64, 8, 3),
-        _config(64, 128, 64, 4, 4),
-        # fp32 inputs
-        _config(128, 128, 32, 8, 3),
-        _config(64, 128, 32, 8, 3),
-        _config(64, 64, 32, 4, 3),
+        _config(128, 128, 64, 8, 4, "16bit"),
+        _config(128, 128, 64, 8, 3, "16bit"),
+        _config(64, 256, 64, 8, 3, "16bit"),
+        _config(64, 128, 64, 4, 4, "16bit"),
+        _config(128, 128, 32, 8, 3, "fp32", archs=(90,)),
+        _config(64, 128, 32, 8, 3, "fp32", archs=(90,)),
+        _config(64, 64, 32, 4, 3, "fp32", archs=(90,)),
+        _config(64, 128, 16, 8, 3, "fp32", archs=(80,)),
+        _config(64, 64, 16, 4, 3, "fp32", archs=(80,)),
     ]
     BWD_CONFIGS = [
-        # 16-bit inputs
-        _config(128, 128, 64, 8, 3),
-        _config(64, 128, 64, 4, 3),
-        _config(128, 64, 64, 4, 3),
-        _config(64, 64, 64, 4, 4),
-        # fp32 inputs
-        _config(64, 128, 32, 8, 3),
-        _config(64, 64, 32, 4, 3),
+        _config(128, 128, 64, 8, 3, "16bit", archs=(90,)),
+        _config(64, 128, 64, 4, 3, "16bit", archs=(90,)),
+        _config(128, 64, 64, 4, 3, "16bit", archs=(90,)),
+        _config(64, 64, 64, 4, 4, "16bit", archs=(90,)),
+        _config(128, 128, 32, 8, 3, "16bit", archs=(80,)),
+        _config(64, 128, 32, 8, 3, "16bit", archs=(80,)),
+        _config(128, 64, 32, 8, 3, "16bit", archs=(80,)),
+        _config(64, 64, 32, 4, 3, "16bit", archs=(80,)),
+        _config(64, 128, 32, 8, 3, "fp32", archs=(90,)),
+        _config(64, 64, 32, 4, 3, "fp32", archs=(90,)),
+        _config(64, 128, 16, 8, 3, "fp32", archs=(80,)),
+        _config(64, 64, 16, 4, 3, "fp32", archs=(80,)),
+        _config(32, 64, 32, 4, 3, "fp32", archs=(80,)),
     ]
 
 
 def _configs_for_dtype(configs, named_args, **kwargs):
-    """Autotuner pre-filter: BLOCK_H = 32 configs for fp32 inputs, 64 for 16-bit ones."""
-    block_h = 32 if named_args["Hidden"].dtype == torch.float32 else 64
-    chosen = [c for c in configs if c.kwargs["BLOCK_H"] == block_h]
-    return chosen or configs[:1]
+    """Autotuner pre-filter: the configs for the input width (fp32 or 16-bit) and the
+    target architecture (FASTFT_TRITON_CONFIGS=first: only the first)."""
+    inputs = "fp32" if named_args["Hidden"].dtype == torch.float32 else "16bit"
+    return for_target([c for c in configs if c.inputs in (inputs, "any")])
 
 
 # --------------------------------------------------------------------------- kernels
@@ -304,7 +308,13 @@ def _linear_cross_entropy_bwd_kernel(
         offs_h = tl.arange(0, BLOCK_H)
         rows64 = rows[:, None].to(tl.int64)
         cols64 = cols[:, None].to(tl.int64)
-        for h_start in range(0, H, BLOCK_H):
+        # Staggered start: the programs resident at one time are consecutive row blocks of
+        # one vocab tile (pid_m varies fastest), so without it they would all add into the
+        # same (BLOCK_V, BLOCK_H) slab of dW at once and serialise on its atomics in L2.
+        # Row block pid_m starts at H chunk pid_m mod (chunks) and wraps around.
+        h_chunks = tl.cdiv(H, BLOCK_H)
+        for h_step in range(0, h_chunks):
+            h_start = ((h_step + pid_m) % h_chunks) * BLOCK_H
             h_cols = h_start + offs_h  # (BH,)
             h_mask = h_cols < H
             if GRAD_HIDDEN:

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastft.kernels._autotune import config, for_target
 from fastft.kernels._common import dropout_params, interpreting_triton
 
 INTERPRET = interpreting_triton()
@@ -78,14 +79,20 @@ def _dropout_keep(tokens, features, seed_key, threshold):
 
 def _fused_configs():
     if INTERPRET:  # more than one config fails under the interpreter; small tiles are fast there
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4)]
+        return [config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, 4, 3)]
+    # Compiled ahead of time for sm_80 and sm_90 (python -m fastft.kernels.aot): none of
+    # these spills on either. 128 x 256 x 64 (8 warps) and 128 x 128 x 32 (4 warps, 4
+    # stages) spilled 32-1024 B per thread with the rank-r epilogue and were dropped.
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 8, 3),
+        config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 4, 4),
+        config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, 4, 3),
     ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """The configs of the target architecture (FASTFT_TRITON_CONFIGS=first: the first)."""
+    return for_target(configs)
 
 
 @triton.autotune(
@@ -95,6 +102,7 @@ def _fused_configs():
     # Tuning runs the kernel several times: an accumulating launch must start from the
     # same output every time.
     restore_value=["Out"],
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit(do_not_specialize=["seed_key", "threshold"])
 def _lora_fused_linear_kernel(

@@ -17,10 +17,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from _cuda_stand_in import cuda_tensor, stand_in_gpu
 from _tolerance import assert_tolerance_rule
 
 from fastft import _extension
+from fastft.kernels._common import attention_dropout_threshold
+from fastft.kernels.attention import _keep_mask
 from fastft.ops import attention_cuda
 from fastft.ops.attention import (
     attention,
@@ -195,6 +199,31 @@ def test_triton_matches_reference(shape, dtype, causal, padded):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("varlen", [False, True])
+def test_triton_gqa_split_over_query_heads(monkeypatch, varlen):
+    """With few (key block, kv head) programs the dK/dV kernel splits each GQA group's query
+    heads over a third grid axis and sums fp32 partials: the same gradients as one program
+    looping over the whole group, and as the reference."""
+    from fastft.kernels import attention as kernels
+
+    lengths = [50, 7, 64] if varlen else None
+    qkv = make_qkv(2, 6, 2, 50, 50, 32, torch.float32, lengths=lengths)
+    kwargs = dict(causal=True, dropout_p=0.2, dropout_seed=9)
+    if varlen:
+        kwargs["cu_seqlens"] = cu_seqlens_of(lengths)
+    split_calls = []
+    monkeypatch.setattr(kernels, "_kv_splits", lambda *a: split_calls.append(3) or 3)
+    torch.manual_seed(1)  # the same upstream gradient for both
+    split = check_against_reference("triton", qkv, torch.float32, **kwargs)
+    monkeypatch.setattr(kernels, "_kv_splits", lambda *a: 1)
+    torch.manual_seed(1)
+    whole = check_against_reference("triton", qkv, torch.float32, **kwargs)
+    assert split_calls
+    for name, a, b in zip(("dk", "dv"), split[2:], whole[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.interpret
 def test_triton_strided_inputs():
     """(batch, seq, heads, dim) storage viewed as (batch, heads, seq, dim), as HF passes it."""
     dtype = triton_dtype(torch.float32)
@@ -230,27 +259,69 @@ def test_dropout_mask_keeps_one_minus_p(mask_fn):
 
 @pytest.mark.interpret
 def test_torch_philox_twin_matches_triton_rand():
-    """The torch Philox reproduces tl.rand bit for bit (keys with high bits, wrapped counters)."""
+    """The torch Philox reproduces tl.rand and all four words of tl.randint4x bit for bit
+    (keys with high bits, wrapped counters)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def rand_kernel(Out, Keys, Offsets, n, BLOCK: tl.constexpr):
+    def rand_kernel(Out, Words, Keys, Offsets, n, BLOCK: tl.constexpr):
         idx = tl.arange(0, BLOCK)
         ok = idx < n
         offset = tl.load(Offsets + idx, mask=ok, other=0).to(tl.uint32)
         for i in range(0, 3):  # tl.rand takes one scalar key per call
             key = tl.load(Keys + i)
             tl.store(Out + i * n + idx, tl.rand(key, offset), mask=ok)
+            w0, w1, w2, w3 = tl.randint4x(key, offset)
+            words = Words + i * 4 * n + idx
+            tl.store(words, w0.to(tl.int64), mask=ok)
+            tl.store(words + n, w1.to(tl.int64), mask=ok)
+            tl.store(words + 2 * n, w2.to(tl.int64), mask=ok)
+            tl.store(words + 3 * n, w3.to(tl.int64), mask=ok)
 
-    from fastft.ops.attention import _philox_uniform
+    from fastft.ops.attention import _philox4x32, _philox_uniform
 
     keys = torch.tensor([7, 123456789 + (5 << 32), 2**31 - 2 + (77 << 32)], dtype=torch.int64)
     offsets = torch.cat([torch.arange(40), torch.randint(0, 2**32, (24,))])  # int64 in [0, 2**32)
-    out = torch.empty(3, offsets.numel(), device=TRITON_DEVICE)
-    rand_kernel[(1,)](out, keys.to(TRITON_DEVICE), offsets.to(TRITON_DEVICE), offsets.numel(), BLOCK=64)
-    expected = _philox_uniform(keys[:, None].expand(3, offsets.numel()), offsets[None].expand(3, -1))
-    assert torch.equal(out.cpu(), expected)
+    n = offsets.numel()
+    out = torch.empty(3, n, device=TRITON_DEVICE)
+    words = torch.empty(3, 4, n, dtype=torch.int64, device=TRITON_DEVICE)
+    rand_kernel[(1,)](out, words, keys.to(TRITON_DEVICE), offsets.to(TRITON_DEVICE), n, BLOCK=64)
+    key_grid, offset_grid = keys[:, None].expand(3, n), offsets[None].expand(3, -1)
+    assert torch.equal(out.cpu(), _philox_uniform(key_grid, offset_grid))
+    assert torch.equal(words.cpu() & 0xFFFFFFFF, torch.stack(_philox4x32(key_grid, offset_grid), dim=1))
+
+
+@triton.jit
+def _keep_mask_kernel(Out, seed, bh, seq_q, seq_k, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stores fastft.kernels.attention._keep_mask for every key block of a block of rows."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, seq_k, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _keep_mask(seed, bh, rows, start_n, seq_k, threshold, BLOCK_M, BLOCK_N)
+        tl.store(Out + rows[:, None] * seq_k + cols[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < seq_q) & (cols[None, :] < seq_k))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("seq_k", [8, 37, 100])
+def test_triton_keep_mask_is_attention_dropout_mask(seq_k):
+    """The kernels' keep-mask (8 decisions per Philox call, ragged key lengths, key blocks
+    that start mid-row) is the torch twin's, bit for bit."""
+    seed, heads, head, seq_q, p = 987654, 3, 2, 19, 0.3
+    out = torch.zeros(seq_q, seq_k, dtype=torch.int8, device=TRITON_DEVICE)
+    _keep_mask_kernel[(triton.cdiv(seq_q, 16),)](out, seed, 1 * heads + head, seq_q, seq_k, attention_dropout_threshold(p),
+                                           BLOCK_M=16, BLOCK_N=32)
+    expected = attention_dropout_mask(seed, 2, heads, seq_q, seq_k, p)[1, head]
+    assert torch.equal(out.cpu().bool(), expected)
+
+
+def test_dropout_draws_are_independent_within_a_philox_call():
+    """8 neighbouring keys share one Philox call: their decisions must still be independent
+    (neighbours agree with probability p^2 + (1-p)^2, not more)."""
+    keep = attention_dropout_mask(42, 4, 4, 64, 64, 0.5).float()
+    agree = (keep[..., 1:] == keep[..., :-1]).float().mean().item()
+    assert abs(agree - 0.5) < 0.02  # 64k pairs: std 0.002
 
 
 @pytest.mark.parametrize("causal,padded", [(False, False), (True, True)])
@@ -683,3 +754,47 @@ def test_cuda_reasons_name_a_missing_binding(monkeypatch):
     stand_in_gpu(monkeypatch, bindings=("lora_fused_linear",))
     q = cuda_tensor(1, 2, 9, 64)
     assert any("built without attention_forward" in r for r in attention_cuda.reasons(q, q, q))
+
+
+# --------------------------------------------------------------------------- GPU: repeatability, streams
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_dk_dv_repeat_bit_for_bit(backend):
+    """dK and dV have one writer per element in both backends (GQA heads are summed in
+    registers, no atomics): two backward passes agree bit for bit. A race (a missing
+    barrier, a split that adds in another order) would not."""
+    qkv = make_qkv(2, 8, 2, 517, 517, 128, torch.bfloat16, device="cuda")
+    if backend == "cuda" and backend_reasons(*qkv)["cuda"]():
+        pytest.skip("cuda backend: " + "; ".join(backend_reasons(*qkv)["cuda"]()))
+    mask = torch.rand(2, 517, device="cuda") > 0.2
+    grad_out = torch.randn_like(qkv[0])
+    runs = [torch.autograd.grad(attention(*qkv, causal=True, key_padding_mask=mask, backend=backend), qkv[1:],
+                                grad_out) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_on_a_non_default_stream(backend):
+    """Forward and backward run on the caller's current stream: on a side stream the
+    results are the default stream's, bit for bit (dQ's atomics aside: compared by rule)."""
+    qkv = make_qkv(2, 4, 2, 300, 300, 64, torch.float16, device="cuda")
+    if backend == "cuda" and backend_reasons(*qkv)["cuda"]():
+        pytest.skip("cuda backend: " + "; ".join(backend_reasons(*qkv)["cuda"]()))
+    grad_out = torch.randn_like(qkv[0])
+
+    def step():
+        out = attention(*qkv, causal=True, backend=backend)
+        return [out, *torch.autograd.grad(out, qkv, grad_out)]
+
+    expected = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = [t * 1 for t in step()]  # torch ops queued behind the kernels on the same stream
+    torch.cuda.current_stream().wait_stream(side)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert torch.equal(g, e) or name == "dq", name
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-3)

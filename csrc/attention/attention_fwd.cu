@@ -28,6 +28,7 @@ constexpr float kLog2e = 1.4426950408889634f;  // log2(e)
 constexpr float kLn2 = 0.6931471805599453f;    // ln(2)
 
 static_assert(kBlockM == kWarps * 16, "each warp owns 16 query rows");
+static_assert(kThreads >= kBlockN, "one thread per key stages the padding mask of a key block");
 
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kThreads)
@@ -38,6 +39,9 @@ attention_forward_kernel(const ForwardParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem_k = reinterpret_cast<T*>(smem_raw);   // (kBlockN, kStride)
   T* smem_v = smem_k + kBlockN * kStride;       // (kBlockN, kStride); holds Q at the start
+  // The key block's padding-mask bytes, read from global memory once per block (by
+  // kBlockN threads) instead of once per score by every thread that masks.
+  uint8_t* smem_key_mask = reinterpret_cast<uint8_t*>(smem_v + kBlockN * kStride);  // (kBlockN,)
 
   // Causal blocks further down the sequence have more keys to visit: start those first
   // so that the short ones fill the tail of the grid.
@@ -94,6 +98,10 @@ attention_forward_kernel(const ForwardParams p) {
     // V_nb streams in while S = Q K_nb^T is computed.
     load_tile_async<T, kBlockN, kHeadDim, kThreads>(smem_v, kStride, v, p.v_strides.seq, n_start, p.seqlen_k);
     cp_async_commit();
+    if (key_mask != nullptr && threadIdx.x < kBlockN) {  // published by the barrier below
+      const int key = n_start + threadIdx.x;
+      smem_key_mask[threadIdx.x] = key < p.seqlen_k ? key_mask[key] : 0;
+    }
     cp_async_wait<1>();  // K_nb (committed one iteration earlier) has landed
     __syncthreads();
 
@@ -129,10 +137,11 @@ attention_forward_kernel(const ForwardParams p) {
       for (int nt = 0; nt < kBlockN / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = n_start + nt * 8 + quad_lane * 2 + (e & 1);
+          const int key_in_block = nt * 8 + quad_lane * 2 + (e & 1);
+          const int key = n_start + key_in_block;
           const int query = m_start + warp * 16 + group + (e >= 2 ? 8 : 0);
           const bool allowed = key < p.seqlen_k && (!p.causal || key <= query) &&
-                               (key_mask == nullptr || key_mask[key] != 0);
+                               (key_mask == nullptr || smem_key_mask[key_in_block] != 0);
           s[nt][e] = allowed ? s[nt][e] * scale_log2 : -INFINITY;
         }
       }
@@ -217,7 +226,7 @@ attention_forward_kernel(const ForwardParams p) {
 
 template <typename T, int kHeadDim>
 void launch_forward(const ForwardParams& p, cudaStream_t stream) {
-  constexpr int kSmemBytes = 2 * kBlockN * (kHeadDim + 8) * int(sizeof(T));
+  constexpr int kSmemBytes = 2 * kBlockN * (kHeadDim + 8) * int(sizeof(T)) + kBlockN;  // K, V tiles, mask bytes
   static_assert(kSmemBytes <= 48 * 1024, "forward tiles fit the default shared-memory limit");
   const dim3 grid((p.seqlen_q + kBlockM - 1) / kBlockM, p.heads_q, p.batch);
   attention_forward_kernel<T, kHeadDim><<<grid, kThreads, kSmemBytes, stream>>>(p);

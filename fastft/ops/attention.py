@@ -43,11 +43,13 @@ Validation, dispatch and seeding are shared and live in this file.
 Dropout seeding. A dropout call draws one 31-bit seed from ``generator`` (default:
 torch's default CPU generator, so ``torch.manual_seed`` makes masks reproducible and
 ``torch.utils.checkpoint`` replays them). The keep/drop decision of score ``(b, h, i, j)``
-is ``uniform >= dropout_p`` with ``uniform`` the Philox-4x32-10 number that Triton's
-``tl.rand(key, offset)`` gives for key ``seed + ((b * heads_q + h) << 32)`` and counter
-``offset = (i * seq_k + j) mod 2**32`` (for varlen, ``b`` is the document index and
-``i, j`` positions inside the document); ``attention_dropout_mask`` reproduces it in torch
-for tests. The torch backend draws its mask from a cheaper counter-based hash of the same
+takes 16 of the 128 bits that one Philox-4x32-10 call (Triton's ``tl.randint4x(key,
+counter)``) gives for key ``seed + ((b * heads_q + h) << 32)`` and counter ``(i *
+ceil(seq_k / 8) + j // 8) mod 2**32``: half ``j % 2`` (low, high) of word ``(j % 8) // 2``;
+the score is kept when they are ``>= round(dropout_p * 2**16)`` (for varlen, ``b`` is the
+document index and ``i, j`` positions inside the document). One call serves 8 scores
+(FlashAttention-2's way), where one call per score made the Triton kernels bound by
+random-number generation; ``attention_dropout_mask`` reproduces it in torch for tests. The torch backend draws its mask from a cheaper counter-based hash of the same
 coordinates (``torch_dropout_mask``: Philox in torch ops is ~40x slower than SDPA on a
 CPU), so the two backends drop different scores, each reproducibly; the CUDA backend does
 not implement dropout.
@@ -62,7 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft._dispatch import choose_backend
-from fastft.kernels._common import interpreting_triton, triton_reasons
+from fastft.kernels._common import attention_dropout_threshold, interpreting_triton, triton_reasons
 from fastft.ops import attention_cuda
 
 __all__ = ["attention", "attention_ref", "attention_dropout_mask", "torch_dropout_mask", "varlen_dropout_mask",
@@ -190,9 +192,9 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _MASK32, lo
 
 
-def _philox_uniform(key: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1), bit-identical to Triton's ``tl.rand(key, offset)`` for
-    int64 keys and uint32 offsets (given here as int64 tensors in [0, 2**32))."""
+def _philox4x32(key: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four uint32 words (as int64 tensors) of Triton's ``tl.randint4x(key, offset)``
+    for int64 keys and uint32 offsets (given here as int64 tensors in [0, 2**32))."""
     c0, c1 = offset, torch.zeros_like(offset)
     c2, c3 = torch.zeros_like(offset), torch.zeros_like(offset)
     k0, k1 = key & _MASK32, (key >> 32) & _MASK32
@@ -201,6 +203,12 @@ def _philox_uniform(key: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _philox_uniform(key: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1), bit-identical to Triton's ``tl.rand(key, offset)``."""
+    c0 = _philox4x32(key, offset)[0]
     # Triton's uint_to_uniform_float: reinterpret as int32, fold negatives with ~x, scale.
     signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
     signed = torch.where(signed < 0, -signed - 1, signed).to(torch.int32)
@@ -219,12 +227,15 @@ def attention_dropout_mask(
     b = torch.arange(first_batch, first_batch + batch, device=device)[:, None, None, None]
     h = torch.arange(heads_q, device=device)[None, :, None, None]
     i = torch.arange(seq_q, device=device)[None, None, :, None]
-    j = torch.arange(seq_k, device=device)[None, None, None, :]
+    groups = (seq_k + 7) // 8  # one Philox call per 8 keys of a row
+    g = torch.arange(groups, device=device)[None, None, None, :]
     key = seed + ((b * heads_q + h) << 32)  # (B, Hq, 1, 1)
-    offset = (i * seq_k + j) & _MASK32  # (1, 1, Sq, Sk)
-    key, offset = torch.broadcast_tensors(key, offset)
-    uniform = _philox_uniform(key, offset)
-    return uniform >= torch.tensor(dropout_p, dtype=torch.float32)
+    counter = (i * groups + g) & _MASK32  # (1, 1, Sq, G)
+    key, counter = torch.broadcast_tensors(key, counter)
+    words = torch.stack(_philox4x32(key, counter), dim=-1)  # (B, Hq, Sq, G, 4)
+    # Key 8 g + t takes half t % 2 (low, high) of word t // 2: 16 random bits per decision.
+    draws = torch.stack([words & 0xFFFF, words >> 16], dim=-1).flatten(-3)[..., :seq_k]  # (B, Hq, Sq, Sk)
+    return draws >= attention_dropout_threshold(dropout_p)
 
 
 _M32 = 0xFFFFFFFF
