@@ -64,6 +64,10 @@ def configs(device: torch.device, quick: bool):
 
 
 FUSED_GEMM_IMPL = "fastft[triton+fused-gemm]"
+# The CUDA backend's int8 base GEMM in csrc/lora_linear's WMMA kernel instead of dequantise
+# + cuBLAS (its default, fastft/ops/lora_linear_cuda.py INT8_GEMM): the measurement that
+# decides that default.
+WMMA_INT8_IMPL = "fastft[cuda+wmma-int8]"
 
 
 @contextlib.contextmanager
@@ -77,6 +81,18 @@ def _fused_triton_base_gemm():
         yield
     finally:
         triton_kernels.BASE_GEMM = previous
+
+
+@contextlib.contextmanager
+def _wmma_int8_base_gemm():
+    """The CUDA backend's int8 base GEMM in its WMMA kernel (the WMMA_INT8_IMPL row)."""
+    from fastft.ops import lora_linear_cuda
+
+    previous, lora_linear_cuda.INT8_GEMM = lora_linear_cuda.INT8_GEMM, "fused"
+    try:
+        yield
+    finally:
+        lora_linear_cuda.INT8_GEMM = previous
 
 
 def implementations(device, x, base, lora_a, lora_b, dropout_p, quantized):
@@ -106,9 +122,13 @@ def implementations(device, x, base, lora_a, lora_b, dropout_p, quantized):
         impls["fastft"] = lambda: lora_linear(x, q, bias, lora_a, lora_b, scaling, dropout_p=dropout_p,
                                               weight_scale=scale)
         if device.type == "cuda":
-            for backend in available_backends(backend_reasons(x, q, lora_a, scale, dropout_p), ("cuda", "triton")):
+            backends = available_backends(backend_reasons(x, q, lora_a, scale, dropout_p), ("cuda", "triton"))
+            for backend in backends:
                 impls[f"fastft[{backend}]"] = lambda b=backend: lora_linear(
                     x, q, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, weight_scale=scale, backend=b)
+            if "cuda" in backends:  # run within _wmma_int8_base_gemm (the workload says so)
+                impls[WMMA_INT8_IMPL] = lambda: lora_linear(x, q, bias, lora_a, lora_b, scaling, dropout_p=dropout_p,
+                                                            weight_scale=scale, backend="cuda")
         return impls
     impls["peft"] = lambda: peft_layer(x)
     impls["fastft"] = lambda: lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p)
@@ -166,7 +186,7 @@ def workload(config, device, dtype) -> Workload:
         leaves=(x, lora_a, lora_b),
         backward=lambda y: y.sum().backward(),
         flops={"fwd": flops_fwd, "fwd+bwd": flops_fwd + flops_bwd},
-        measured_within={FUSED_GEMM_IMPL: _fused_triton_base_gemm},
+        measured_within={FUSED_GEMM_IMPL: _fused_triton_base_gemm, WMMA_INT8_IMPL: _wmma_int8_base_gemm},
         extra=activation_memory,
     )
 

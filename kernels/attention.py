@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastft.kernels._autotune import config, one_config, target_family
 from fastft.kernels._common import attention_dropout_threshold, interpreting_triton
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): exp(x) = exp2(x * LOG2E)
@@ -49,36 +50,66 @@ LN2 = 0.6931471805599453
 
 
 def _configs(shapes):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates; one small config under the
-    interpreter (more than one fails there, and small blocks keep numpy quick)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, {arch family: largest padded head_dim})
+    candidates; one small config under the interpreter (more than one fails there, and
+    small blocks keep numpy quick)."""
     if interpreting_triton():
-        shapes = [(64, 64, 4, 1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        shapes = [(64, 64, 4, 1, {80: 256, 90: 256})]
+    configs = []
+    for m, n, warps, stages, fits in shapes:
+        configs.append(config({"BLOCK_M": m, "BLOCK_N": n}, warps, stages, archs=tuple(fits), fits=fits))
+    return configs
 
 
-# Hopper / Ampere candidates: 128-row query tiles with 64-128 key tiles are what the
-# FlashAttention-2 paper and Triton's fused-attention tutorial find best for head_dim
-# 64/128; the smaller ones serve head_dim 256 (shared memory) and short sequences.
+# Which tile fits where was measured ahead of time (python -m fastft.kernels.aot, every
+# candidate compiled for sm_80 and sm_90 with a padding mask, causal masking and dropout,
+# the kernels' largest register footprint): a config is listed for an architecture family
+# up to the largest head_dim (padded) at which it stays within shared memory and spills at
+# most kernels/aot.py's SPILL_BUDGET. On sm_80 (mma.sync: accumulators in registers, no
+# wgmma) the tiles are smaller. Numbers: benchmarks/NOTES.md ("Triton configs, ahead of
+# time"). The first config is the one FASTFT_TRITON_CONFIGS=first keeps.
 FWD_CONFIGS = _configs([
-    (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4),
-    (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2),
+    (128, 64, 8, 3, {80: 64, 90: 128}),
+    (128, 128, 8, 2, {90: 128}),
+    (128, 128, 8, 3, {90: 64}),
+    (128, 32, 4, 3, {80: 64, 90: 64}),
+    (64, 64, 4, 4, {80: 128, 90: 128}),
+    (64, 64, 4, 2, {80: 128, 90: 256}),
+    (64, 32, 4, 3, {80: 128, 90: 256}),
+    (32, 32, 4, 2, {80: 256, 90: 256}),
 ])
 # dk/dv: BLOCK_N keys are the resident tile, BLOCK_M queries stream; dq: the reverse.
 BWD_KV_CONFIGS = _configs([
-    (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2),
+    (32, 64, 8, 3, {80: 128, 90: 128}),
+    (32, 128, 8, 3, {90: 64}),
+    (32, 128, 8, 2, {90: 64}),
+    (32, 64, 4, 3, {90: 64}),
+    (64, 64, 8, 3, {90: 64}),
+    (16, 128, 8, 3, {90: 128}),
+    (16, 64, 4, 2, {80: 64, 90: 128}),
+    (32, 32, 4, 2, {80: 128, 90: 128}),
+    (16, 32, 4, 2, {80: 256, 90: 256}),
 ])
 BWD_Q_CONFIGS = _configs([
-    (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2),
+    (128, 32, 8, 3, {80: 128, 90: 128}),
+    (128, 64, 8, 3, {90: 128}),
+    (64, 64, 8, 3, {80: 128, 90: 128}),
+    (64, 64, 4, 3, {90: 128}),  # sm_80: 128 B of spills at head_dim 64 (0 at 128)
+    (64, 32, 4, 3, {80: 128, 90: 128}),
+    (64, 32, 4, 2, {80: 128, 90: 128}),
+    (128, 32, 4, 3, {90: 64}),
+    (32, 32, 4, 2, {80: 256, 90: 256}),
 ])
 
 
 def _prune_for_head_dim(configs, named_args, **kwargs):
-    """Large head dims do not fit big tiles in shared memory: drop them before timing."""
-    head_dim = {**named_args, **kwargs}.get("HEAD_DIM_PAD", 64)
-    if head_dim < 256 or len(configs) == 1:
-        return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
-    return kept or configs[-1:]
+    """The configs that fit the target architecture at this head_dim (FASTFT_TRITON_CONFIGS
+    =first: the first of them); the smallest one when none is listed there."""
+    head_dim = max(64, {**named_args, **kwargs}.get("HEAD_DIM_PAD", 64))
+    family = target_family()
+    kept = [c for c in configs if getattr(c, "fits", {}).get(family, 0) >= head_dim]
+    kept = kept or configs[-1:]
+    return kept[:1] if one_config() else kept
 
 
 _AUTOTUNE_KEY = ["seq_bucket", "HEAD_DIM_PAD", "CAUSAL", "HAS_PADDING_MASK", "IS_VARLEN", "HAS_DROPOUT"]

@@ -798,3 +798,35 @@ def test_gpu_on_a_non_default_stream(backend):
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
         assert torch.equal(g, e) or name == "dq", name
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- CUDA backend on a CPU
+# The emulating stand-in (tests/_cuda_stand_in.py) runs fastft/ops/attention_cuda.py on CPU
+# tensors, checks each launch against csrc/attention/bindings.h and computes what the
+# kernels would from the raw pointers and strides, so the wrapper's arguments are checked
+# by the numbers.
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,causal,padded", [((2, 4, 2, 33, 40, 64), True, True),
+                                                 ((1, 2, 2, 17, 9, 32), False, True),
+                                                 ((2, 4, 1, 20, 20, 128), True, False)])
+def test_cuda_backend_on_the_stand_in(monkeypatch, dtype, shape, causal, padded):
+    stand_in = stand_in_gpu(monkeypatch, emulate=True)
+    qkv = make_qkv(*shape, dtype)
+    mask = torch.rand(shape[0], shape[4]) > 0.3 if padded else None
+    check_against_reference("cuda", qkv, dtype, causal=causal, key_padding_mask=mask)
+    assert [name for name, _ in stand_in.calls] == ["attention_forward", "attention_backward"]
+    assert stand_in.guards == [qkv[0].device] * 2  # launched on the tensors' device
+
+
+def test_cuda_backend_reads_strided_views_in_place(monkeypatch):
+    """(B, S, H, D).transpose(1, 2) views go to the kernels without a copy: their strides
+    cross the binding, and the emulated kernel reading through them gives the reference."""
+    stand_in = stand_in_gpu(monkeypatch, emulate=True)
+    packed = torch.randn(2, 30, 3, 4, 64, dtype=torch.float16)  # (B, S, 3, H, D)
+    q, k, v = (packed[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+    assert not q.is_contiguous()
+    check_against_reference("cuda", [q, k, v], torch.float16, causal=True)
+    forward = stand_in.calls[0][1]
+    assert forward["q"] == q.data_ptr() and tuple(forward["q_strides"]) == q.stride()[:3]
