@@ -63,9 +63,10 @@ def _configs(shapes):
 
 # Which tile fits where was measured ahead of time (python -m fastft.kernels.aot, every
 # candidate compiled for sm_80 and sm_90 with a padding mask, causal masking and dropout,
-# the kernels' largest register footprint): a config is listed for an architecture family
-# up to the largest head_dim (padded) at which it stays within shared memory and spills at
-# most kernels/aot.py's SPILL_BUDGET. On sm_80 (mma.sync: accumulators in registers, no
+# the kernels' largest register footprint, with triton 3.9 and the GPU image's 3.6): a
+# config is listed for an architecture family up to the largest head_dim (padded) at
+# which it stays within shared memory and spills at most kernels/aot.py's SPILL_BUDGET
+# with both. On sm_80 (mma.sync: accumulators in registers, no
 # wgmma) the tiles are smaller. Numbers: benchmarks/NOTES.md ("Triton configs, ahead of
 # time"). The first config is the one FASTFT_TRITON_CONFIGS=first keeps.
 FWD_CONFIGS = _configs([
@@ -74,19 +75,18 @@ FWD_CONFIGS = _configs([
     (128, 128, 8, 3, {90: 64}),
     (128, 32, 4, 3, {80: 64, 90: 64}),
     (64, 64, 4, 4, {80: 128, 90: 128}),
-    (64, 64, 4, 2, {80: 128, 90: 256}),
+    (64, 64, 4, 2, {80: 128, 90: 128}),  # head_dim 256, sm_90: 64 B of spills (triton 3.9), 80 B (3.6)
     (64, 32, 4, 3, {80: 128, 90: 256}),
     (32, 32, 4, 2, {80: 256, 90: 256}),
 ])
 # dk/dv: BLOCK_N keys are the resident tile, BLOCK_M queries stream; dq: the reverse.
 BWD_KV_CONFIGS = _configs([
-    (32, 64, 8, 3, {80: 128, 90: 128}),
+    (32, 64, 8, 3, {80: 128, 90: 64}),  # head_dim 128, sm_90: 32 B of spills (triton 3.9), 72 B (3.6)
     (32, 128, 8, 3, {90: 64}),
     (32, 128, 8, 2, {90: 64}),
     (32, 64, 4, 3, {90: 64}),
-    (64, 64, 8, 3, {90: 64}),
     (16, 128, 8, 3, {90: 128}),
-    (16, 64, 4, 2, {80: 64, 90: 128}),
+    (16, 64, 4, 2, {80: 64, 90: 64}),  # head_dim 128, sm_90: 8 B (triton 3.9), 80 B (3.6)
     (32, 32, 4, 2, {80: 128, 90: 128}),
     (16, 32, 4, 2, {80: 256, 90: 256}),
 ])
