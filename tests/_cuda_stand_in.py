@@ -404,7 +404,7 @@ _CPU_GEMMS = None
 
 
 def _enable_fp32_output_gemms_on_cpu() -> None:
-    """CUDA's ``mm`` / ``addmm`` / ``baddbmm`` with ``out_dtype=torch.float32`` (16-bit
+    """CUDA's ``mm`` (with and without ``out=``) / ``addmm`` / ``baddbmm`` with ``out_dtype=torch.float32`` (16-bit
     inputs, fp32 result), which the CUDA loss backend uses, for CPU tensors: fp32 math on
     upcast inputs. Registered once per process (they only fill a kernel CPU lacks)."""
     global _CPU_GEMMS
@@ -415,6 +415,9 @@ def _enable_fp32_output_gemms_on_cpu() -> None:
     def mm(a, b, out_dtype, *, out):
         return out.copy_(a.float() @ b.float())
 
+    def mm_functional(a, b, out_dtype):
+        return (a.float() @ b.float()).to(out_dtype)
+
     def addmm(acc, a, b, out_dtype, *, beta=1, alpha=1, out):
         return out.copy_(beta * acc.float() + alpha * (a.float() @ b.float()))
 
@@ -423,6 +426,7 @@ def _enable_fp32_output_gemms_on_cpu() -> None:
 
     try:
         library.impl("mm.dtype_out", mm, "CPU")
+        library.impl("mm.dtype", mm_functional, "CPU")
         library.impl("addmm.dtype_out", addmm, "CPU")
         library.impl("baddbmm.dtype_out", baddbmm, "CPU")
     except RuntimeError:  # this torch has them on CPU already, or not at all: the probe decides

@@ -461,6 +461,18 @@ def test_cuda_backend_on_the_stand_in(monkeypatch, dtype, reduction):
     assert {name for name, _ in stand_in.calls} == {"linear_cross_entropy_softmax_grad"}
 
 
+@pytest.mark.parametrize("plan", [(True, "addmm"), (True, "baddbmm"), (True, "mm_add"), (False, "mm_add")],
+                         ids=["addmm", "baddbmm", "mm_add", "upcast"])
+def test_cuda_backend_each_gemm_form_on_the_stand_in(monkeypatch, plan):
+    """Every way the wrapper can run its fp32-output GEMMs (what _gemm_plan probes on a
+    GPU), forced in turn: fp32 accumulation into dW with 16-bit inputs, or fp32 GEMMs on
+    upcast copies when the torch build has no fp32-output 16-bit GEMM."""
+    stand_in_gpu(monkeypatch, emulate=True)
+    monkeypatch.setattr(linear_cross_entropy_cuda, "_gemm_plan",
+                        lambda device, dtype: linear_cross_entropy_cuda._GemmPlan(*plan))
+    check_against_reference("cuda", torch.float16, 113, 48, 257, "mean", bias=True, device="cpu")
+
+
 def test_cuda_chunks_keep_the_weight_gradient_gemm_compute_bound(monkeypatch):
     """Each chunk read-modify-writes the fp32 (V, H) weight gradient: chunks of 2^24
     logits were 130 rows at V = 128256 (8 B·V·H of traffic per 130 rows, ~8x the GEMM).
