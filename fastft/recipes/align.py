@@ -141,17 +141,20 @@ def align(
     Returns: ``AlignResult``.
 
     Raises (all before the first step, with nothing written):
-        ValueError: rows missing ``prompt`` / ``chosen`` / ``rejected``, no pair left after
-            truncation, a model that is not a causal LM, ``beta <= 0``, ``k < 2``, an
-            online method without a reward, a reward that is not a function or a reward
-            bundle, a reference the method or strategy cannot use, a reward function
-            returning NaN or the wrong number of rewards (at the first rollout).
+        ValueError: a multi-process launch (torchrun), rows missing ``prompt`` / ``chosen``
+            / ``rejected``, no pair left after truncation, a model that is not a causal LM,
+            ``beta <= 0``, ``k < 2``, an online method without a reward, a reward that is
+            not a function or a reward bundle, a reference the method or strategy cannot
+            use, a reward function returning NaN or the wrong number of rewards (at the
+            first rollout, before any file is written).
         TypeError: options that belong to no method / strategy.
         KeyError: unknown config override names.
     """
     if method is not None:
         overrides["method"] = method
     config = resolve_config(config, overrides, AlignConfig)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("fastft align runs in one process (its log-probs bypass the DDP / FSDP wrapper's forward)")
     method, strategy = config.method, config.strategy
     reference_kind = _reference_kind(config)
     reward_fn = _reward_function(config.reward, config.device) if method.online else None
@@ -381,10 +384,14 @@ def main(argv: list[str]) -> int:
     result = align(args.model, args.tokenizer or args.model, data, config=config,
                    **{k: v for k, v in flags.items() if v is not None})
     path, reason = logprob_path(result.model)
-    print(json.dumps({"method": result.method.spec(), "before": result.metrics_before, "after": result.metrics,
-                      "data": {k: v.as_dict() for k, v in result.data.items()}, "forgetting": result.forgetting,
-                      "logprobs": path if reason is None else f"{path} ({reason})", "saved": result.save_path},
-                     indent=2, default=str))
+    report = {"method": result.method.spec(), "before": result.metrics_before, "after": result.metrics}
+    if result.method.online:  # the training rollouts' reward, KL and length, first and last
+        report["rollouts"] = {"first": result.history[0], "last": result.history[-1]}
+    else:
+        report["data"] = {k: v.as_dict() for k, v in result.data.items()}
+    report.update(forgetting=result.forgetting, logprobs=path if reason is None else f"{path} ({reason})",
+                  saved=result.save_path)
+    print(json.dumps(report, indent=2, default=str))
     return 0
 
 
