@@ -105,3 +105,27 @@ def test_a_call_that_does_not_fit_the_binding_fails(monkeypatch):
     for bad in (renamed, reordered, wrong_type):
         with pytest.raises(AssertionError):
             check_call("linear_cross_entropy_softmax_grad", bad)
+
+
+def test_fastft_info_on_a_stand_in_gpu(monkeypatch):
+    """`fastft info` on a CUDA machine: every op's reasons for every backend run with CUDA
+    tensors (an undefined name on that path, like issue 15's `arch_reasons`, raised here)."""
+    from fastft import info
+
+    stand_in_gpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "stand-in H200")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+    def typical_inputs(op_name, device):
+        if op_name == "attention":
+            q = cuda_tensor(1, 2, 16, 64, dtype=torch.bfloat16)
+            return q, q, q
+        return cuda_tensor(8, 64, dtype=torch.bfloat16), cuda_tensor(32, 64, dtype=torch.bfloat16)
+
+    monkeypatch.setattr(info, "_typical_inputs", typical_inputs)
+    text = info.report()
+    assert "device: stand-in H200" in text and "CUDA extension: loaded" in text
+    for op in ("attention", "linear_cross_entropy", "lora_linear"):
+        section = text.split(f"  {op}:")[1].split("\n  ")[0:4]
+        assert any(line.strip().startswith("cuda    yes") for line in section), text
