@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The runbook for a lent GPU (../shared/GPU.md): two calls, back to back on the warm machine.
 #
-#   call 1   bash benchmarks/gpu_run.sh check     build + correctness        estimate ~3.5 min (caps: 4)
-#   call 2   bash benchmarks/gpu_run.sh bench     the benchmark suites       estimate ~8 min (caps: 9)
+#   call 1   bash benchmarks/gpu_run.sh check     build + correctness        estimate ~3.5 min (caps: 4.1)
+#   call 2   bash benchmarks/gpu_run.sh bench     the benchmark suites       estimate ~8 min (caps: 7.5)
 #
 # Give each call timeout_s=600. Everything lands in $OUT (default benchmarks/results/gpu-run/),
 # at most 8 files (what the device tool brings back): check.log, info.txt, tests.log from
@@ -13,7 +13,7 @@
 # Time estimates, from their parts (16-core H200 machine; parts measured on the 2-core CPU
 # machine here are scaled by the cores they use):
 #
-#   call 1 (check)                                                             ~210 s
+#   call 1 (check)                                                             ~205 s
 #     pip install -e . --no-deps, FASTFT_CUDA=1, FASTFT_CUDA_ARCHS=90a: the four nvcc
 #       jobs run in parallel (MAX_JOBS = cores); the whole build took 75 s here for two
 #       archs on 2 cores, so one arch with a job per file ~20-40 s           ~40 s
@@ -22,8 +22,9 @@
 #       ~850 tests (collected here), mostly sub-second on the GPU (~60 s over 8 workers);
 #       Triton compiles with one config per kernel: ~10 kernels x ~8 flag variants x
 #       ~2.5 s = ~200 s of compiling, 8 at a time (~25 s); the forced-config tests
-#       (tests/test_triton_configs.py) compile every config once: ~60 compiles (~20 s);
-#       collection and worker start-up ~30 s                       ~135 s (cap 170)
+#       (tests/test_triton_configs.py, 14 tests) compile every config once: ~60
+#       compiles + runs spread over the 8 workers (~45 s); collection and worker
+#       start-up ~30 s                                                ~160 s (cap 180)
 #     ...plus the machine's start (minutes of device time, not of the command).
 #
 #   call 2 (bench)                                                             ~480 s
@@ -51,7 +52,7 @@ check)
   python -m fastft info > "$OUT/info.txt" 2>&1; head -20 "$OUT/info.txt"
   # Correct first: every kernel against its fp32 reference on this GPU, one Triton config
   # per kernel (the forced-config tests still run each config once).
-  FASTFT_TRITON_CONFIGS=first timeout 170 python -m pytest -m "(gpu or interpret) and not slow" -q -n 8 \
+  FASTFT_TRITON_CONFIGS=first timeout 180 python -m pytest -m "(gpu or interpret) and not slow" -q -n 8 \
     -p no:cacheprovider > "$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
   tail -3 "$OUT/tests.log"
