@@ -4,6 +4,8 @@ against the build record, the extension's bindings) answer right, on the CPU aga
 stand-in GPU. Each op's kernels are tested in tests/test_<op>.py.
 """
 
+import re
+
 import pytest
 import torch
 from _cuda_stand_in import BINDINGS, BINDINGS_CPP, check_call, cuda_tensor, parse_bindings, stand_in_gpu
@@ -129,3 +131,16 @@ def test_fastft_info_on_a_stand_in_gpu(monkeypatch):
     for op in ("attention", "linear_cross_entropy", "lora_linear"):
         section = text.split(f"  {op}:")[1].split("\n  ")[0:4]
         assert any(line.strip().startswith("cuda    yes") for line in section), text
+
+
+def test_built_extension_has_the_parsed_signatures():
+    """Where the extension is built (CI builds it: FASTFT_CUDA=1), the signatures pybind11
+    reports are the argument lists the stand-in checks every call against."""
+    if _extension.load_error() is not None:
+        pytest.skip(f"fastft._cuda not built here: {_extension.load_error()}")
+    module = _extension.module()
+    for name, binding in BINDINGS_CPP.items():
+        signature = getattr(module, name).__doc__.splitlines()[0]
+        assert signature.startswith(f"{name}("), signature
+        names = re.findall(r"[(,] ?([A-Za-z_][A-Za-z_0-9]*):", signature)
+        assert tuple(names) == binding.args, (name, names)
