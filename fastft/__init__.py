@@ -22,12 +22,15 @@ _LAZY = {
     "predict": ("fastft.finetuning.bundle", "predict"),
     "load_finetuned": ("fastft.finetuning.bundle", "load_finetuned"),
     "save_finetuned": ("fastft.finetuning.bundle", "save_finetuned"),
+    "align": ("fastft.recipes.align", "align"),
     "peft": ("fastft.peft", None),
     "nn": ("fastft.nn", None),
 }
 
 
 def __getattr__(name):
+    "active": ("fastft.active", None),
+    "audit": ("fastft.audit", None),
     if name in _LAZY:
         module_name, attribute = _LAZY[name]
         module = importlib.import_module(module_name)

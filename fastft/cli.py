@@ -7,7 +7,10 @@ model) print one line on stderr and exit with status 2; ``--debug`` shows the tr
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from fastft.errors import FastftError, one_line
 
 # command -> (module with a ``main(argv)``, one-line help)
 COMMANDS = {
@@ -15,13 +18,15 @@ COMMANDS = {
     "pretrain": ("fastft.recipes.pretrain", "pretrain (masked-LM / causal-LM) from a YAML config and key=value overrides"),
     "finetune": ("fastft.recipes.finetune", "fine-tune on a labelled task (classification, tagging, QA, SFT)"),
     "eval": ("fastft.recipes.evaluate", "evaluate a checkpoint (perplexity) or a fine-tuned bundle (task metrics)"),
+    "align": ("fastft.recipes.align", "align a causal LM with preferences (DPO, IPO, SimPO, ORPO) or a reward (RLOO, GRPO)"),
     "predict": ("fastft.recipes.predict", "run a fine-tuned model on new inputs"),
+    "active": ("fastft.recipes.active", "active learning: pick the rows worth labelling, fine-tune again; or simulate"),
     "bench": ("fastft.bench", "run the benchmark suites against the reference implementations"),
     "info": ("fastft.info", "versions, and which backend of each op can run here and why not"),
 }
 # What a user's input or environment can cause; anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                   PermissionError)
+EXPECTED_ERRORS = (FastftError, ValueError, KeyError, TypeError, FileNotFoundError, NotADirectoryError,
+                   IsADirectoryError, PermissionError)
 
 
 def usage() -> str:
@@ -43,14 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"fastft: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if command not in ("info", "bench"):
+        # Download / "Loading weights" / datasets bars of every library call would bury the
+        # loop's own progress bar and the one-line messages (read when those libraries load).
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return int(module.main(rest) or 0)
     except EXPECTED_ERRORS as error:
         if debug:
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"fastft {command}: {message}", file=sys.stderr)
+        print(f"fastft {command}: {one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,9 @@ import torch
 # triton decorates any kernel, i.e. before fastft.kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never reach the network: a model name that is not a directory fails at once instead
+# of after the Hub's connection retries (read when huggingface_hub is first imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 

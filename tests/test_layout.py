@@ -185,7 +185,10 @@ def test_no_import_cycles():
 # (importer package, packages it must not import): the layers of DESIGN.md, top to bottom.
 FORBIDDEN = [
     ("fastft.train", ("fastft.finetuning", "fastft.recipes")),  # the engine knows no task and no recipe
-    ("fastft.finetuning", ("fastft.recipes",)),
+    ("fastft.finetuning", ("fastft.recipes", "fastft.active", "fastft.audit")),
+    ("fastft.alignment", ("fastft.finetuning", "fastft.recipes")),  # a domain beside fine-tuning, not above it
+    ("fastft.active", ("fastft.recipes",)),
+    ("fastft.audit", ("fastft.recipes",)),
     ("fastft.data", ("fastft.train", "fastft.finetuning", "fastft.recipes")),
     ("fastft.nn", ("fastft.train", "fastft.finetuning", "fastft.recipes")),
     ("fastft.ops", ("fastft.train", "fastft.finetuning", "fastft.recipes")),

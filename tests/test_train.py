@@ -516,7 +516,8 @@ def test_cli_pretrain_eval_and_hf_export(tmp_path, corpus, bert_tokenizer, capsy
     exported.eval(), checkpointed.eval()
     assert torch.equal(exported(ids).logits, checkpointed(ids).logits)
 
-    assert cli.main(["eval", "--model", str(final), "--data", str(tmp_path / "held_out.txt"), "--block-size", "48"]) == 0
+    assert cli.main(["eval", "--model", str(final), "--data", str(tmp_path / "held_out.txt"), "--block-size", "48",
+                     "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     expected = evaluate(exported, str(tmp_path / "held_out.txt"), "mlm", tokenizer=bert_tokenizer, block_size=48)
     assert result["objective"] == "mlm" and result["loss"] == pytest.approx(expected["loss"])
@@ -558,7 +559,7 @@ def test_cli_eval_scores_a_finetuned_bundle_on_labelled_sets(tmp_path, capsys):
     with open(tmp_path / "dev.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows[28:])
     capsys.readouterr()
-    assert cli.main(["eval", "--model", result.save_path, "--data", f"held-out={tmp_path / 'dev.jsonl'}"]) == 0
+    assert cli.main(["eval", "--model", result.save_path, "--data", f"held-out={tmp_path / 'dev.jsonl'}", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["task"] == "classification"
     for metric in ("accuracy", "macro_f1", "loss"):

@@ -28,16 +28,18 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fastft.data.collators import IGNORE_INDEX
 from fastft.alignment.logprobs import evaluation_mode, token_logprobs
 from fastft.alignment.methods import OnlineMethod
 from fastft.alignment.objectives import PolicyGradientObjective
 from fastft.alignment.reference import Reference
 from fastft.alignment.sampling import Samples, sample_completions
-from fastft.train.config import TrainConfig, config_as_dict
+from fastft.data.collators import IGNORE_INDEX
+from fastft.errors import TrainingDiverged
+from fastft.train.config import TrainConfig, run_record
 from fastft.train.loop import accumulate_gradients
 from fastft.train.metrics import MetricsLog
 from fastft.train.optim import build_optimizer
+from fastft.train.output_dir import claim_output_dir
 from fastft.train.runtime import maybe_patch, seed_everything
 from fastft.train.schedules import build_scheduler, warmup_steps_for
 
@@ -180,9 +182,10 @@ def train_online(
         scored = rollout(model, tokenizer, [prompts[i] for i in chosen], [prompt_ids[i] for i in chosen], method,
                          reward_fn, reference)
         if log is None:  # the reward function has answered well once: now the run's files
+            claim_output_dir(state.output_dir, resume=config.resume, overwrite=config.overwrite)
             os.makedirs(state.output_dir, exist_ok=True)
             with open(os.path.join(state.output_dir, "run_config.json"), "w") as f:
-                json.dump(config_as_dict(config), f, indent=2, default=str)
+                json.dump(run_record(config), f, indent=2)
             log = MetricsLog(os.path.join(state.output_dir, "metrics.jsonl"))
             if not state.evaluations:
                 evaluate_now()  # the starting policy
@@ -190,6 +193,13 @@ def train_online(
             losses = accumulate_gradients(model, objective, [scored.batch], precision=config.precision)
             trainable = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.optim.max_grad_norm or float("inf"))
+            if not (math.isfinite(losses["loss"]) and math.isfinite(float(grad_norm))):
+                log.write({"step": state.step + 1, "rollout": state.rollouts + 1, **losses,
+                           "grad_norm": float(grad_norm), "diverged": True})
+                raise TrainingDiverged(
+                    f"rollout {state.rollouts + 1}: the loss is {losses['loss']:.4g} and the gradient norm "
+                    f"{float(grad_norm):.4g}: training diverged and stopped before this update (nothing is saved); "
+                    f"try a lower learning rate (optim.lr={config.optim.lr:g} now) or a larger beta")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]

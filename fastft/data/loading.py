@@ -101,6 +101,8 @@ def load_documents(
                     f"source: files must share one known extension ({sorted(_BUILDERS)}), got {sorted(extensions)}"
                 )
             builder = builders.pop()
+            if all(os.path.getsize(p) == 0 for p in paths):  # datasets fails on empty files with obscure errors
+                raise ValueError(f"source {_short(source)}: no documents (empty file{'s' if len(paths) > 1 else ''})")
             kwargs = {"sample_by": txt_mode} if builder == "text" else {}
             dataset = datasets.load_dataset(builder, data_files=paths, split="train", **kwargs)
             if builder == "text":  # paragraphs keep their surrounding newlines: drop them
@@ -109,7 +111,19 @@ def load_documents(
                 dataset = dataset.rename_column("text", text_column)
     if text_column not in dataset.column_names:
         raise ValueError(f"text_column {text_column!r} not in the data's columns {dataset.column_names}")
-    return dataset.filter(lambda row: bool(row[text_column] and row[text_column].strip()))
+    dataset = dataset.filter(lambda row: bool(row[text_column] and row[text_column].strip()))
+    if len(dataset) == 0:
+        raise ValueError(f"source {_short(source)}: no documents (empty, or only blank lines)")
+    return dataset
+
+
+def _short(source) -> str:
+    """A data source for a message: paths as given, texts and datasets by their size."""
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if isinstance(source, (list, tuple)) and all(isinstance(s, (str, os.PathLike)) for s in source) and len(source) < 5:
+        return repr([os.fspath(s) for s in source])
+    return f"<{type(source).__name__} of {len(source)}>" if hasattr(source, "__len__") else repr(type(source).__name__)
 
 
 def rows_of(data) -> list[dict]:
@@ -127,8 +141,15 @@ def load_rows(path: str) -> list[dict]:
     """Labelled rows (dicts) from a ``.json`` / ``.jsonl`` / ``.csv`` / ``.parquet`` file."""
     kind = _BUILDERS.get(os.path.splitext(path)[1].lower())
     if kind is None or kind == "text":
-        raise ValueError(f"{path}: labelled rows come from .json, .jsonl, .csv or .parquet files, not {path!r}")
-    return datasets.load_dataset(kind, data_files=path, split="train").to_list()
+        raise ValueError(f"{path}: labelled rows come from a .json, .jsonl, .csv or .parquet file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:  # datasets fails on it with a bare StopIteration
+        raise ValueError(f"{path}: the file is empty (no rows)")
+    rows = datasets.load_dataset(kind, data_files=path, split="train").to_list()
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
 
 
 def document_end_id(tokenizer) -> int | None:

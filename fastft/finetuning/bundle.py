@@ -11,7 +11,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from fastft.errors import loading
 from fastft.finetuning.strategies import HEAD_NAMES, Strategy
+from fastft.models.loading import load_pretrained
 from fastft.finetuning.tasks import Task, get_task
 
 __all__ = ["BUNDLE_FILE", "load_finetuned", "predict", "save_finetuned"]
@@ -36,7 +38,8 @@ def save_finetuned(model: nn.Module, tokenizer, task: Task, path: str, *, strate
     """Write a bundle that ``load_finetuned`` / ``predict`` read back in one call:
 
         fastft_finetune.json     task name + options + label map, strategy (name + options),
-                                 model class, base model path, which weights are stored
+                                 model class, base model path, which weights are stored,
+                                 the probabilities' temperature (``task.temperature``, 1: none)
         config.json              the model's config (with id2label / label2id)
         finetuned.safetensors    full weights; or, for a PEFT strategy whose base model is
                                  on disk, only the trained tensors (adapter + head)
@@ -54,10 +57,17 @@ def save_finetuned(model: nn.Module, tokenizer, task: Task, path: str, *, strate
         model.config.id2label = {i: str(l) for i, l in enumerate(task.labels)}
         model.config.label2id = {str(l): i for i, l in enumerate(task.labels)}
     model.config.save_pretrained(path)
-    if partial:
-        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    in_base = _checkpoint_names(base_model) if partial else None
+    if in_base is not None:
+        # The trained tensors, and the frozen ones the base checkpoint lacks (a pooler or any
+        # weight initialised at random when the base was loaded): without them a reload
+        # would draw other random values.
+        prefix = getattr(model, "base_model_prefix", "")
+        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                   if p.requires_grad or not _found(n, in_base, prefix)}
         safetensors.torch.save_file(tensors, os.path.join(path, WEIGHTS_FILE))
     else:
+        partial = False
         safetensors.torch.save_model(model, os.path.join(path, WEIGHTS_FILE))
     if strategy.peft_method == "lora":
         try:
@@ -78,10 +88,35 @@ def save_finetuned(model: nn.Module, tokenizer, task: Task, path: str, *, strate
         "model_class": type(model).__name__,
         "base_model": base_model if partial else None,
         "weights": "trained" if partial else "full",
+        "temperature": float(getattr(task, "temperature", 1.0)),  # calibration of the probabilities (1: none)
     }
     with open(os.path.join(path, BUNDLE_FILE), "w") as f:
         json.dump(bundle, f, indent=2)
     return path
+
+
+def _checkpoint_names(path: str) -> set[str] | None:
+    """The weight names stored in a Hugging Face checkpoint directory (safetensors files,
+    read from their headers); None when it has none to read."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        with safe_open(single, "pt") as f:
+            return set(f.keys())
+    return None
+
+
+def _found(name: str, names: set[str], prefix: str) -> bool:
+    """Whether parameter ``name`` of the task model (LoRA's ``base_layer`` wrapping undone)
+    is in checkpoint ``names``, with or without the backbone prefix (``bert.`` ...)."""
+    name = name.replace(".base_layer.", ".")
+    bare = name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+    return name in names or bare in names or f"{prefix}.{bare}" in names
 
 
 def load_finetuned(path: str, *, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, Task]:
@@ -99,11 +134,22 @@ def load_finetuned(path: str, *, device: str | torch.device = "cpu") -> tuple[nn
     with open(bundle_path) as f:
         bundle = json.load(f)
     task = get_task(bundle["task"], labels=bundle["labels"], **bundle["task_options"])
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    hf_config = transformers.AutoConfig.from_pretrained(path)
+    if bundle.get("temperature", 1.0) != 1.0:
+        task.temperature = float(bundle["temperature"])
+    with loading("bundle", path):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        hf_config = transformers.AutoConfig.from_pretrained(path)
     model_class = getattr(transformers, bundle["model_class"], None)
     if bundle["weights"] == "trained":
-        model = (model_class or getattr(transformers, task.auto_class)).from_pretrained(bundle["base_model"], config=hf_config)
+        # The base model lacks the task head the bundle holds: keep transformers from calling
+        # it "newly initialized" (it is about to be loaded), and check below that it is.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            model, not_in_base = load_pretrained(model_class or getattr(transformers, task.auto_class),
+                                                 bundle["base_model"], what="base model", config=hf_config)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
     else:
         model = model_class(hf_config) if model_class is not None else getattr(transformers, task.auto_class).from_config(hf_config)
     _strategy_of(bundle).add_modules(model, head_names=task.head_modules or HEAD_NAMES, tokenizer=tokenizer)
@@ -114,6 +160,10 @@ def load_finetuned(path: str, *, device: str | torch.device = "cpu") -> tuple[nn
         missing = sorted(set(tensors) - set(named))
         if missing:
             raise ValueError(f"{weights}: tensors {missing[:5]} have no parameter in the rebuilt model")
+        untrained = sorted(set(not_in_base) - {name.replace(".base_layer.", ".") for name in tensors})
+        if untrained:
+            raise ValueError(f"{path}: weights {untrained[:5]} are neither in the base model {bundle['base_model']} "
+                             "nor in the bundle")
         with torch.no_grad():
             for name, tensor in tensors.items():
                 named[name].copy_(tensor)
@@ -154,7 +204,8 @@ def _as_rows(inputs, task: Task) -> list[dict]:
     return rows
 
 
-def predict(model, inputs, *, tokenizer=None, task: str | Task | None = None, batch_size: int = 16, device=None) -> list:
+def predict(model, inputs, *, tokenizer=None, task: str | Task | None = None, batch_size: int = 16, device=None,
+            scores: bool = False) -> list:
     """Predictions for ``inputs`` from a fine-tuned model.
 
     Args:
@@ -165,8 +216,13 @@ def predict(model, inputs, *, tokenizer=None, task: str | Task | None = None, ba
             SFT prompt; whitespace-split words for tagging), ``(text, pair)`` /
             ``(question, context)`` tuples, word lists for tagging.
 
+        scores: classification: ``{"label", "probabilities": {label: p}}`` per input.
+
     Returns: per input — a label (classification), a float (regression), a tag per word
     (token), the answer text (QA) or the generated response (SFT).
+
+    Raises:
+        ValueError: ``scores`` for a task that has none; no tokenizer / task for a model.
     """
     if isinstance(model, str):
         model, loaded_tokenizer, loaded_task = load_finetuned(model, device=device or "cpu")
@@ -175,11 +231,14 @@ def predict(model, inputs, *, tokenizer=None, task: str | Task | None = None, ba
     if tokenizer is None or task is None:
         raise ValueError("predict: with a model object, pass tokenizer= and task= (e.g. result.task)")
     task = get_task(task) if isinstance(task, str) else task
+    if scores and not task.has_scores:
+        raise ValueError(f"predict: task {task.name!r} gives no scores (classification does)")
     if device is not None:
         model.to(device)
     was_training = model.training
     model.eval()
     try:
-        return task.predict(model, tokenizer, _as_rows(inputs, task), batch_size=batch_size)
+        return task.predict(model, tokenizer, _as_rows(inputs, task), batch_size=batch_size,
+                            **({"scores": True} if scores else {}))
     finally:
         model.train(was_training)

@@ -10,7 +10,7 @@ from fastft.finetuning.tasks import Task
 from fastft.train.callbacks import Callback
 from fastft.train.evaluation import evaluate
 
-__all__ = ["OtherSetsEvaluation", "evaluate_sets", "scalars"]
+__all__ = ["OtherSetsEvaluation", "evaluate_sets", "plot_finetuning", "scalars"]
 
 
 class OtherSetsEvaluation(Callback):
@@ -47,3 +47,40 @@ def evaluate_sets(model, tokenizer, task: Task, sets: Mapping[str, Any], *, batc
             metrics.update(task.generation_metrics(model, tokenizer, rows))
         results[name] = metrics
     return results
+
+
+def plot_finetuning(metrics_path: str, history: list[dict], metric: str, png_path: str) -> str | None:
+    """Fine-tuning's curves: the training loss (each point the mean over its logging
+    interval) and the selection set's held-out loss per step; beside it ``metric`` (the
+    task's, e.g. accuracy) of every named evaluation set per evaluation."""
+    from fastft.train.metrics import MetricsLog
+
+    records = MetricsLog(metrics_path).read()
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and "eval_loss" not in r]
+    selection = history[0]["set"] if history else None  # OtherSetsEvaluation records it first
+    held_out = [(h["step"], h["loss"]) for h in history if h["set"] == selection and h.get("loss") is not None]
+    if not train and not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for points, style, label in ((train, "-", "train"), (held_out, "o-", "held-out (selection set)")):
+        if points:
+            ax_loss.plot(*zip(*points), style, label=label)
+    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="loss")
+    for name in dict.fromkeys(h["set"] for h in history):
+        points = [(h["step"], h[metric]) for h in history if h["set"] == name and h.get(metric) is not None]
+        if points:
+            ax_metric.plot(*zip(*points), "o-", label=name)
+    ax_metric.set(xlabel="optimizer step", ylabel=metric, title=f"{metric} per evaluation set")
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

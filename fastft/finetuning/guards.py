@@ -36,6 +36,7 @@ from torch import nn
 
 from fastft.data.batching import fetch, to_device
 from fastft.data.pipeline import prepare_lm_data
+from fastft.models.loading import load_pretrained, new_head_weights
 from fastft.train.config import Option
 from fastft.train.evaluation import evaluate
 from fastft.train.objectives import model_inputs, objective_for
@@ -63,7 +64,8 @@ def lm_view(task_model: nn.Module, lm_model: nn.Module | str | None = None) -> n
     the shared backbone.
 
     Raises:
-        ValueError: no pretrained LM head available / backbones of different types.
+        ValueError: no pretrained LM head available (none given, or the checkpoint has
+            none and it would be initialised at random) / backbones of different types.
     """
     name = type(task_model).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM")):
@@ -76,7 +78,14 @@ def lm_view(task_model: nn.Module, lm_model: nn.Module | str | None = None) -> n
             )
         import transformers
 
-        lm_model = transformers.AutoModelForMaskedLM.from_pretrained(path)
+        lm_model, missing = load_pretrained(transformers.AutoModelForMaskedLM, path, what="lm_model")
+        fresh = new_head_weights(lm_model, missing)
+        if fresh:
+            raise ValueError(
+                f"{path} has no pretrained masked-LM head ({', '.join(fresh[:3])}{' ...' if len(fresh) > 3 else ''} "
+                "missing): perplexity through a random head measures nothing; pass lm_model= (a *ForMaskedLM with "
+                "its head), or measure_forgetting=False and no replay / EWC guard"
+            )
     prefix = _backbone_name(lm_model)
     backbone = getattr(task_model, _backbone_name(task_model))
     if type(backbone) is not type(getattr(lm_model, prefix)):

@@ -39,6 +39,7 @@ from fastft.alignment.metrics import PreferenceMetrics, ReferenceKL
 from fastft.alignment.objectives import PreferenceObjective
 from fastft.alignment.online import OnlineState, train_online
 from fastft.alignment.reference import AdaptersDisabled, CachedReference, FrozenCopy, cache_reference_logps
+from fastft.errors import loading
 from fastft.finetuning.bundle import load_finetuned, save_finetuned
 from fastft.finetuning.guards import lm_perplexity
 from fastft.finetuning.strategies import Strategy
@@ -47,6 +48,7 @@ from fastft.train.callbacks import Callback
 from fastft.train.config import ModelConfig, TrainConfig, load_config, option_field, parse_yaml, resolve_config
 from fastft.train.evaluation import evaluate
 from fastft.train.loop import TrainState, train
+from fastft.train.output_dir import check_output_dir
 from fastft.train.runtime import cpu_speedups, resolve_device
 
 __all__ = ["AlignConfig", "AlignResult", "align", "main"]
@@ -153,6 +155,7 @@ def align(
     if method is not None:
         overrides["method"] = method
     config = resolve_config(config, overrides, AlignConfig)
+    check_output_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)  # before any work
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("fastft align runs in one process (its log-probs bypass the DDP / FSDP wrapper's forward)")
     method, strategy = config.method, config.strategy
@@ -167,7 +170,8 @@ def align(
     if tokenizer is None or isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        with loading("tokenizer", tokenizer or model):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
     sets = _split_sets(data)
     truncation = dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                       keep_prompt=config.keep_prompt, keep_response=config.keep_response)
@@ -183,7 +187,8 @@ def align(
     if isinstance(model, str):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model)
+        with loading("model", model):
+            model = AutoModelForCausalLM.from_pretrained(model)
     check_causal_lm(model)
     if strategy.trains_new_head_first or strategy.peft_method in ("prefix", "prompt"):
         raise ValueError(f"strategy {strategy.name!r} does not fit preference tuning of a causal LM "

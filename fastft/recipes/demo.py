@@ -55,6 +55,8 @@ from typing import Sequence
 import torch
 
 from fastft.data.demo_language import SPECIAL_TOKENS, DemoLanguage
+from fastft.errors import loading
+from fastft.models.loading import load_pretrained
 from fastft.finetuning.strategies import LoRA
 from fastft.train.runtime import resolve_device
 
@@ -340,7 +342,8 @@ def _load_data(config: DemoConfig, seed: int, model: str | None, data, labels: s
     if model is not None:
         import transformers
 
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        with loading("model", model):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model)
     else:
         from fastft.data.toy import toy_tokenizer
 
@@ -360,7 +363,7 @@ def _pretrain_stage(config: DemoConfig, demo: DemoData, model: str | None, run_d
     if model is None:
         mlm_model = transformers.BertForMaskedLM(_small_bert_config(config, len(demo.tokenizer)))
     else:
-        mlm_model = transformers.AutoModelForMaskedLM.from_pretrained(model)
+        mlm_model, _ = load_pretrained(transformers.AutoModelForMaskedLM, model)
     state, wall, cpu = _timed(
         fastft.pretrain, mlm_model, demo.tokenizer, {"train": demo.unlabeled, "validation": demo.heldout_text},
         objective="mlm", output_dir=run_dir, max_steps=config.pretrain_steps, batch_size=config.pretrain_batch_size,

@@ -29,16 +29,20 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
+from fastft.audit.mitigation import BALANCES, WEIGHT_KEY, ReweightedClassificationObjective, balance_weights, balanced_rows
+from fastft.audit.report import audit
 from fastft.data.loading import load_rows, rows_of
+from fastft.errors import loading
 from fastft.finetuning.bundle import save_finetuned
-from fastft.finetuning.evaluation import OtherSetsEvaluation, evaluate_sets
+from fastft.finetuning.evaluation import OtherSetsEvaluation, evaluate_sets, plot_finetuning
 from fastft.finetuning.guards import Guard, lm_perplexity, lm_view
 from fastft.finetuning.strategies import HEAD_NAMES, GradualUnfreeze, LRScheme, Strategy, lr_param_groups
 from fastft.finetuning.tasks import Task, get_task
 from fastft.train.callbacks import BestModel, Callback, EarlyStopping
 from fastft.train.config import ModelConfig, TrainConfig, load_config, option_field, parse_yaml, resolve_config
 from fastft.train.loop import TrainState, train
-from fastft.train.runtime import cpu_speedups, resolve_device
+from fastft.train.output_dir import check_output_dir
+from fastft.train.runtime import cpu_speedups, resolve_device, seed_everything
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "main"]
 
@@ -62,7 +66,16 @@ class FinetuneConfig(TrainConfig):
     # A BERT-family [CLS] classifier runs its last layer for position 0 only (same loss and
     # gradients, less work; fastft/models/first_token.py).
     cut_last_layer: bool = True
-    model: ModelConfig = field(default_factory=ModelConfig)  # the model's name or path, when loaded by name
+    # fastft.audit: a slice report of every named set by this column (with intervals and gaps);
+    # balance_by: train every slice of this column equally ("sample": repeat the smaller slices'
+    # rows; "reweight": per-row loss weights), its slice report too; calibrate: fit a temperature
+    # on the selection set, saved in the bundle (fastft.predict then returns calibrated probabilities).
+    slice_by: str | None = None
+    balance_by: str | None = None
+    balance: str = "sample"
+    calibrate: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model's name or path (recorded in run_config.json)
+    data_files: dict = field(default_factory=dict)  # {"train": path, "<set>": path}: where the data came from
 
 
 @dataclass
@@ -88,6 +101,8 @@ class FinetuneResult:
     forgetting: dict[str, float] | None = None
     save_path: str | None = None
     unfreeze_history: list = field(default_factory=list)
+    slices: dict = field(default_factory=dict)  # {set: fastft.audit.SliceReport} with slice_by / balance_by
+    temperature: float | None = None  # fitted with calibrate=True
 
     def table(self, metrics: Sequence[str] | None = None) -> str:
         """A markdown table: one row per evaluation set, one column per scalar metric."""
@@ -149,6 +164,7 @@ def finetune(
     """
     overrides.update({k: v for k, v in (("task", task), ("strategy", strategy)) if v is not None})
     config = resolve_config(config, overrides, FinetuneConfig)
+    check_output_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)  # before any work
     task, strategy = config.task, config.strategy
     epochs = None if config.max_steps else config.epochs
     strategy.check(epochs)
@@ -166,14 +182,22 @@ def finetune(
     task.fit_labels(train_rows)
     for name, rows in {"train": train_rows, **other_sets}.items():
         task.check_labels(rows, name)
+    _check_audit_options(config, train_rows, other_sets)
 
-    # --- tokenizer, model ---------------------------------------------------------------
+    config.data_files = config.data_files or {name: f"<{len(rows)} rows given from Python>"
+                                              for name, rows in {"train": train_rows, **other_sets}.items()}
+
+    # --- tokenizer, model (a new head's initial weights come from the run's seed) -------
+    seed_everything(config.seed)
+    config.model.name_or_path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", None) or None
     if tokenizer is None or isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
+        with loading("tokenizer", tokenizer or model):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or model)
     if isinstance(model, str):
-        model = task.build_model(model)
+        with loading("model", model):
+            model = task.build_model(model)
     task.check_model(model)
     head_names = task.head_modules or HEAD_NAMES
     if strategy.trains_new_head_first and not task.head_modules:
@@ -199,14 +223,15 @@ def finetune(
                                                head_names=head_names, seed=config.seed, block_size=block_size))
 
     # --- features, callbacks: best model, the other sets, early stopping ----------------
-    train_features = task.preprocess(train_rows, tokenizer, training=True)
+    train_features, objective = _training_features(config, train_rows, tokenizer)
     features = {name: task.preprocess(rows, tokenizer, training=False) for name, rows in other_sets.items()}
     selection = next(iter(other_sets), None)
     eval_batch_size = config.eval_batch_size or config.batch_size
     best, other_eval, selection_callbacks = _selection_callbacks(config, tokenizer, other_sets, features, selection,
                                                                  eval_batch_size)
     all_callbacks = [*plan.callbacks, *selection_callbacks, *callbacks]
-    loop_config = dataclasses.replace(config, early_stopping_patience=None, export=False)  # both handled here
+    # Early stopping, the export (a bundle instead) and the plot (per named set) are done here.
+    loop_config = dataclasses.replace(config, early_stopping_patience=None, export=False, plot=False)
 
     # --- train, then evaluate every named set with the best weights -------------------
     cut = None
@@ -217,7 +242,7 @@ def finetune(
     try:
         with cpu_speedups(model, config):
             state = train(
-                model, task.objective(), train_features, collator=task.collator(tokenizer), config=loop_config,
+                model, objective, train_features, collator=task.collator(tokenizer), config=loop_config,
                 eval_data=features.get(selection), tokenizer=tokenizer, param_groups=param_groups,
                 callbacks=all_callbacks, extra_losses=extra_losses,
                 metric_fns=task.metric_fns(other_sets[selection], features[selection], tokenizer) if selection else [],
@@ -228,6 +253,8 @@ def finetune(
     finally:
         if cut is not None:
             cut.remove()
+    if config.calibrate:  # before the bundle is written: it keeps the temperature
+        task.temperature = _fit_temperature(model, tokenizer, task, other_sets[selection], eval_batch_size)
 
     # --- report: the sets side by side, forgetting, the bundle --------------------------
     result = FinetuneResult(model=model, tokenizer=tokenizer, task=task, state=state, strategy=strategy, metrics=metrics)
@@ -237,14 +264,75 @@ def finetune(
         result.best_step, result.best_metric = best.best_step, best.best
     for cb in plan.callbacks:
         result.unfreeze_history = list(getattr(cb, "history", []))
+    result.temperature = task.temperature if config.calibrate else None
+    result.slices = _slice_reports(config, model, tokenizer, other_sets, eval_batch_size)
     if measure_forgetting:
         after = lm_perplexity(view, heldout_texts, tokenizer, block_size=block_size)
         forgetting.update(perplexity_after=after, increase=after - forgetting["perplexity_before"])
         result.forgetting = forgetting
+    if config.plot and state.parallel.is_main:
+        plot_finetuning(os.path.join(state.output_dir, "metrics.jsonl"), result.history, config.select_metric
+                        or task.primary_metric, os.path.join(state.output_dir, "curves.png"))
     if config.save:
         path = config.save if isinstance(config.save, str) else os.path.join(state.output_dir, "finetuned")
         result.save_path = save_finetuned(model, tokenizer, task, path, strategy=strategy)
     return result
+
+
+def _training_features(config: FinetuneConfig, train_rows, tokenizer):
+    """The training features and the objective: the task's own, or with ``balance_by``
+    every slice trained equally (``fastft.audit.mitigation``: rows of the smaller slices
+    repeated, or per-row loss weights)."""
+    task = config.task
+    if config.balance_by and config.balance == "sample":
+        train_rows = balanced_rows(train_rows, config.balance_by, config.seed)
+    features = task.preprocess(train_rows, tokenizer, training=True)
+    if not (config.balance_by and config.balance == "reweight"):
+        return features, task.objective()
+    for feature, weight in zip(features, balance_weights(train_rows, config.balance_by)):
+        feature[WEIGHT_KEY] = weight
+    return features, ReweightedClassificationObjective()
+
+
+def _slice_reports(config: FinetuneConfig, model, tokenizer, other_sets, batch_size) -> dict:
+    """With ``slice_by`` (or ``balance_by``): ``fastft.audit``'s slice report of every named
+    set that has the column."""
+    slice_by = config.slice_by or config.balance_by
+    sliced = {name: rows for name, rows in other_sets.items() if any(row.get(slice_by) is not None for row in rows)}
+    if not slice_by or not sliced:
+        return {}
+    return audit(model, sliced, tokenizer=tokenizer, task=config.task, slice_by=slice_by, calibration=False,
+                 batch_size=batch_size, seed=config.seed).slices
+
+
+def _check_audit_options(config: FinetuneConfig, train_rows, other_sets) -> None:
+    """slice_by / balance_by / calibrate: refused, before any work, where they cannot apply."""
+    task = config.task
+    for option in ("slice_by", "balance_by", "calibrate"):
+        if getattr(config, option) and task.name != "classification":
+            raise ValueError(f"{option}: for classification tasks only (the task is {task.name!r})")
+    if config.balance not in BALANCES:
+        raise ValueError(f"balance must be one of {list(BALANCES)}, got {config.balance!r}")
+    if config.balance_by and not any(row.get(config.balance_by) is not None for row in train_rows):
+        raise ValueError(f"balance_by={config.balance_by!r}: no row of data['train'] has that column "
+                         f"(its columns: {sorted(train_rows[0])})")
+    if config.slice_by and not any(row.get(config.slice_by) is not None for rows in other_sets.values() for row in rows):
+        raise ValueError(f"slice_by={config.slice_by!r}: no evaluation set has that column")
+    if config.calibrate and not other_sets:
+        raise ValueError("calibrate: fitting a temperature needs a validation set (data={'train': ..., 'validation': ...})")
+
+
+def _fit_temperature(model, tokenizer, task, rows, batch_size) -> float:
+    """Temperature scaling on the selection set's logits (``fastft.audit.calibration``)."""
+    from fastft.audit.calibration import fit_temperature
+
+    was_training = model.training
+    model.eval()
+    try:
+        logits = task.logits(model, tokenizer, rows, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    return fit_temperature(logits, [task.label_id(row[task.label_column]) for row in rows])
 
 
 def _selection_callbacks(config: FinetuneConfig, tokenizer, other_sets, features, selection, batch_size):
@@ -295,11 +383,15 @@ def _split_texts(pretraining_data) -> tuple[list[str], list[str]]:
 
 def named_sets(entries: list[str]) -> dict[str, list[dict]]:
     """``["dev=dev.jsonl", "ood.jsonl"]`` -> ``{"dev": rows, "ood": rows}`` (name: the file's stem)."""
-    sets = {}
-    for entry in entries:
-        name, path = entry.split("=", 1) if "=" in entry else (os.path.splitext(os.path.basename(entry))[0], entry)
-        sets[name] = load_rows(path)
-    return sets
+    return {name: load_rows(path) for name, path in map(_name_and_path, entries)}
+
+
+def _is_data_file(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in (".json", ".jsonl", ".csv", ".parquet") or os.path.isfile(path)
+
+
+def _name_and_path(entry: str) -> tuple[str, str]:
+    return tuple(entry.split("=", 1)) if "=" in entry else (os.path.splitext(os.path.basename(entry))[0], entry)
 
 
 def main(argv: list[str]) -> int:
@@ -318,8 +410,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
 
-    config = load_config(args.config, args.overrides, cls=FinetuneConfig)
-    data = {"train": load_rows(args.train), **named_sets(args.eval)}
+    # `--eval dev=d.jsonl max_steps=2`: argparse hands the override to --eval too; a set names a data file.
+    eval_entries = [e for e in args.eval if _is_data_file(_name_and_path(e)[1])]
+    overrides = [e for e in args.eval if e not in eval_entries] + args.overrides
+    config = load_config(args.config, overrides, cls=FinetuneConfig)
+    data = {"train": load_rows(args.train), **named_sets(eval_entries)}
+    config.data_files = {"train": os.path.abspath(args.train), **{name: os.path.abspath(path) for name, path in
+                                                                   map(_name_and_path, eval_entries)}}
     flags = {"task": args.task, "lr_scheme": args.lr_scheme, "guard": args.guard}
     if args.strategy or args.strategy_options:
         flags["strategy"] = {"name": args.strategy or config.strategy.name, **(parse_yaml(args.strategy_options or "{}") or {})}
@@ -328,7 +425,10 @@ def main(argv: list[str]) -> int:
     result = finetune(args.model, args.tokenizer or args.model, data, config=config,
                       **{k: v for k, v in flags.items() if v is not None})
     print(result.table())
-    print(json.dumps({"best_step": result.best_step, "forgetting": result.forgetting, "saved": result.save_path}, indent=2))
+    for name, report in result.slices.items():
+        print(f"\n{name}: {report.table()}")
+    print(json.dumps({"best_step": result.best_step, "forgetting": result.forgetting, "saved": result.save_path,
+                      **({"temperature": result.temperature} if result.temperature is not None else {})}, indent=2))
     return 0
 
 if __name__ == "__main__":

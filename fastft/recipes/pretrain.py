@@ -12,16 +12,20 @@ import dataclasses
 import inspect
 import json
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from fastft.data.loading import load_documents
+from fastft.errors import loading
+from fastft.models.loading import load_pretrained, new_head_weights
 from fastft.data.pipeline import is_tokenized, prepare_lm_data
 from fastft.train.config import DataConfig, ModelConfig, TrainConfig, load_config, resolve_config
 from fastft.train.loop import TrainState, train
 from fastft.train.objectives import OBJECTIVES
+from fastft.train.output_dir import check_output_dir
 from fastft.train.runtime import cpu_speedups, seed_everything
 
 __all__ = ["PretrainConfig", "build_model", "load_tokenizer", "main", "pretrain"]
@@ -80,26 +84,34 @@ def pretrain(
     if objective is not None:
         overrides["objective"] = objective
     config = resolve_config(config, overrides, PretrainConfig)
+    check_output_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)  # before any work
     seed_everything(config.seed)  # model initialisation from scratch is part of the run
 
-    # --- model and tokenizer --------------------------------------------------------
+    # --- tokenizer (the model's name recorded in run_config.json) ----------------------
+    if isinstance(model, str):
+        config.model.name_or_path = model
+    elif model is not None:  # recorded in run_config.json: where the weights came from
+        config.model.name_or_path = config.model.name_or_path or getattr(model.config, "_name_or_path", None) or None
     if tokenizer is None or isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer or config.model.tokenizer or config.model.name_or_path)
-    if model is None or isinstance(model, str):
-        model_config = config.model if model is None else dataclasses.replace(config.model, name_or_path=model)
-        model = build_model(model_config, config.objective)
-    if config.objective == "mlm+nsp" and "next_sentence_label" not in inspect.signature(model.forward).parameters:
-        raise ValueError(
-            f"objective 'mlm+nsp' needs a model with a next-sentence head (e.g. BertForPreTraining), got {type(model).__name__}"
-        )
 
     # --- data: documents -> tokens -> packed blocks, and the objective's collator -------
     train_source, validation_source = _split_data(data, config)
+    if data is not None:  # for run_config.json: paths as given, Python data by a description
+        config.data.train = data if isinstance(data, str) else f"<{type(data).__name__} given from Python>"
     options = config.data.lm_options()
     train_data, collator = prepare_lm_data(train_source, tokenizer, config.objective, seed=config.seed, **options)
     eval_data = None
     if validation_source is not None:
         eval_data, _ = prepare_lm_data(validation_source, tokenizer, config.objective, seed=config.seed + 1, **options)
+
+    # --- the model (after the data: a bad file is reported before any weights load) ---
+    if model is None or isinstance(model, str):
+        model = build_model(config.model, config.objective)
+    if config.objective == "mlm+nsp" and "next_sentence_label" not in inspect.signature(model.forward).parameters:
+        raise ValueError(
+            f"objective 'mlm+nsp' needs a model with a next-sentence head (e.g. BertForPreTraining), got {type(model).__name__}"
+        )
 
     # --- train ------------------------------------------------------------------------
     with cpu_speedups(model, config):
@@ -110,7 +122,8 @@ def pretrain(
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    with loading("tokenizer", name_or_path):
+        return AutoTokenizer.from_pretrained(name_or_path)
 
 
 def build_model(model_config: ModelConfig, objective: str) -> torch.nn.Module:
@@ -127,9 +140,16 @@ def build_model(model_config: ModelConfig, objective: str) -> torch.nn.Module:
         "mlm+nsp": transformers.AutoModelForPreTraining,
     }[objective]
     if model_config.from_scratch:
-        hf_config = transformers.AutoConfig.from_pretrained(model_config.name_or_path, **model_config.config_overrides)
+        with loading("model", model_config.name_or_path):
+            hf_config = transformers.AutoConfig.from_pretrained(model_config.name_or_path, **model_config.config_overrides)
         return auto.from_config(hf_config)
-    return auto.from_pretrained(model_config.name_or_path, **model_config.config_overrides)
+    model, missing = load_pretrained(auto, model_config.name_or_path, **model_config.config_overrides)
+    fresh = new_head_weights(model, missing)
+    if fresh:
+        warnings.warn(f"{model_config.name_or_path} has no pretrained {objective} head ({', '.join(fresh[:3])} ... "
+                      "initialised at random): continued pretraining trains it from scratch, so the first losses "
+                      "and perplexities are those of a random head", stacklevel=2)
+    return model
 
 
 def _split_data(data, config: PretrainConfig):

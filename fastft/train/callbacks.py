@@ -10,6 +10,7 @@ with state to carry across a resume implement ``state_dict`` / ``load_state_dict
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ class Callback:
 
 class EarlyStopping(Callback):
     """Stop when ``metric`` (lower is better unless ``mode="max"``) has not improved by
-    more than ``min_delta`` for ``patience`` evaluations in a row."""
+    more than ``min_delta`` for ``patience`` evaluations in a row (a NaN never improves)."""
 
     def __init__(self, patience: int, metric: str = "loss", *, mode: str = "min", min_delta: float = 0.0):
         if patience < 1:
@@ -61,7 +62,7 @@ class EarlyStopping(Callback):
             raise KeyError(f"EarlyStopping: metric {self.metric!r} not in evaluation metrics {sorted(metrics)}")
         value = float(metrics[self.metric])
         sign = 1.0 if self.mode == "min" else -1.0
-        if self.best is None or sign * (self.best - value) > self.min_delta:
+        if math.isfinite(value) and (self.best is None or sign * (self.best - value) > self.min_delta):
             self.best, self.bad_evaluations = value, 0
         else:
             self.bad_evaluations += 1
@@ -96,6 +97,8 @@ class BestModel(Callback):
         if self.metric not in metrics:
             raise KeyError(f"select_metric {self.metric!r} not in the evaluation metrics {sorted(metrics)}")
         value = float(metrics[self.metric])
+        if not math.isfinite(value):  # a diverged evaluation is never the best
+            return
         if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
             self.best, self.best_step = value, state.step
             self.snapshot = {n: p.detach().to("cpu", copy=True) for n, p in state.model.named_parameters() if p.requires_grad}

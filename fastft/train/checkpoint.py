@@ -29,6 +29,7 @@ leftovers are never listed and are swept at the next save.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -44,6 +45,8 @@ import torch
 
 __all__ = [
     "export_pretrained",
+    "model_fingerprint",
+    "read_trainer_state",
     "is_sharded_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
@@ -143,6 +146,40 @@ def list_checkpoints(root: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
+def read_trainer_state(path: str) -> dict[str, Any]:
+    """``trainer_state.json`` of checkpoint ``path`` (step, data position, run id, model).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a complete fastft checkpoint.
+    """
+    file = os.path.join(path, TRAINER_STATE_FILE)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path} is not a complete fastft checkpoint (no {TRAINER_STATE_FILE})")
+    with open(file) as f:
+        return json.load(f)
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
+    """What identifies a model's weights for resuming: its class, parameter count, and a
+    digest of every parameter's name and shape (a checkpoint of another model differs)."""
+    names_shapes = [(name, tuple(param.shape)) for name, param in model.named_parameters()]
+    digest = hashlib.sha256(repr(names_shapes).encode()).hexdigest()[:16]
+    return {
+        "class": type(model).__name__.removeprefix("FSDP"),  # FSDP2 renames a sharded model's class
+        "parameters": sum(param.numel() for param in model.parameters()),
+        "names_and_shapes": digest,
+    }
+
+
+def _prune(root: str, keep_last: int | None, run_id: str | None) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints *of this run* under ``root``."""
+    if not keep_last or keep_last < 1:
+        return
+    ours = [path for path in list_checkpoints(root) if run_id is None or read_trainer_state(path).get("run_id") == run_id]
+    for old in ours[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def latest_checkpoint(root: str) -> str | None:
     """The highest-step complete checkpoint under ``root``, or None."""
     checkpoints = list_checkpoints(root)
@@ -174,8 +211,10 @@ def save_checkpoint(
     tokenizer=None,
     keep_last: int | None = None,
     parallel=None,
+    run_id: str | None = None,
 ) -> str:
-    """Write checkpoint ``root/step-{step:06d}`` atomically; keep the newest ``keep_last``.
+    """Write checkpoint ``root/step-{step:06d}`` atomically; keep the newest ``keep_last``
+    of the run ``run_id`` (recorded in the checkpoint; None: of every run under ``root``).
 
     ``trainer_state`` must be JSON-serialisable; ``extra_state`` (e.g. callbacks' states)
     goes into ``training_state.pt`` with the optimizer. Returns the checkpoint path.
@@ -215,13 +254,12 @@ def save_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         # trainer_state.json is written last: list_checkpoints requires it.
-        record = {"step": step, **({"world_size": parallel.world_size} if sharded else {}), **(trainer_state or {})}
+        record = {"step": step, "run_id": run_id, **({"world_size": parallel.world_size} if sharded else {}),
+                  **(trainer_state or {})}
         with open(os.path.join(tmp, TRAINER_STATE_FILE), "w") as f:
             json.dump(record, f, indent=2)
         _atomic_publish(tmp, final)
-        if keep_last is not None and keep_last > 0:
-            for old in list_checkpoints(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep_last, run_id)
     if sharded:
         parallel.barrier()  # the checkpoint exists for everyone before anyone goes on
     return final
@@ -253,8 +291,7 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: ``path`` is not a complete checkpoint.
     """
-    if not os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
-        raise FileNotFoundError(f"{path} is not a complete fastft checkpoint (no {TRAINER_STATE_FILE})")
+    trainer_state = read_trainer_state(path)
     if is_sharded_checkpoint(path):
         return _load_sharded_checkpoint(
             path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, collator=collator, restore_rng=restore_rng
@@ -272,8 +309,6 @@ def load_checkpoint(
     if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     _restore_states(state, scheduler=scheduler, scaler=scaler, collator=collator, rng=restore_rng)
-    with open(os.path.join(path, TRAINER_STATE_FILE)) as f:
-        trainer_state = json.load(f)
     return trainer_state, state["extra"]
 
 
@@ -348,6 +383,4 @@ def _load_sharded_checkpoint(path, *, model, optimizer, scheduler, scaler, colla
         _restore_states(per_rank, scheduler=scheduler, scaler=scaler, collator=collator, rng=restore_rng)
     else:  # another world size: rank 0's schedule, this rank's own fresh random streams
         _restore_states(per_rank, scheduler=scheduler, scaler=scaler)
-    with open(os.path.join(path, TRAINER_STATE_FILE)) as f:
-        trainer_state = json.load(f)
-    return trainer_state, per_rank["extra"]
+    return read_trainer_state(path), per_rank["extra"]

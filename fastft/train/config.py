@@ -25,6 +25,7 @@ take a name, a mapping with a name, or the object: ``strategy: lora``,
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
@@ -45,6 +46,7 @@ __all__ = [
     "load_config",
     "option_field",
     "resolve_config",
+    "run_record",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -233,9 +235,12 @@ class TrainConfig:
     early_stopping_patience: int | None = None  # evaluations without improvement
     early_stopping_metric: str = "loss"  # lower is better
     save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
-    keep_last: int = 2  # checkpoints kept on disk
+    keep_last: int = 2  # this run's checkpoints kept on disk
     resume: Any = None  # None | "auto" (latest in output_dir if any) | a checkpoint path
-    log_every: int = 10  # optimizer steps between metrics.jsonl lines
+    # An output_dir holding another run is refused unless resume is set, or overwrite:
+    # then the old run is moved aside to <output_dir>.previous-<date-time>, never deleted.
+    overwrite: bool = False
+    log_every: int = 10  # optimizer steps between metrics.jsonl lines (each the mean over them)
     progress: bool = True  # tqdm bar
     plot: bool = True  # loss / perplexity curve PNG at the end
     export: bool = True  # save_pretrained + tokenizer into output_dir/final
@@ -360,7 +365,39 @@ def config_as_dict(config) -> dict[str, Any]:
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str] | Mapping[str, Any]) -> TrainConfig:
-    """Apply ``["optim.lr=3e-4", ...]`` (values parsed as YAML) or ``{"optim.lr": 3e-4}``.
+    """Apply ``["optim.lr=3e-4", ...]`` (values parsed as YAML; a field name unique across
+    the sections may stand alone: ``lr=3e-4``) or ``{"optim.lr": 3e-4}``.
+def run_record(config) -> dict[str, Any]:
+    """What ``run_config.json`` holds: ``config`` as plain data (options as their specs;
+    data given as Python lists or objects described, not dumped) and the versions it ran
+    with. ``load_config`` reads it back (the versions are ignored), so a run can be redone."""
+    import platform
+
+    import torch
+
+    from fastft import __version__
+
+    record = _describe(config_as_dict(config))
+    versions = {"fastft": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    for name in ("transformers", "triton", "datasets"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return {**record, "versions": versions}
+
+
+def _describe(value: Any) -> Any:
+    """JSON-able ``value``; long lists and other objects (texts, models) by a short description."""
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value] if len(value) <= 20 else f"<{len(value)} items given from Python>"
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return f"<{type(value).__name__} given from Python>"
+
+
 
     Returns a new config (the argument is not modified); checks run again afterwards.
 
@@ -376,7 +413,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str] | Mapping[str, Any
             if not sep or not key:
                 raise ValueError(f"override {item!r} is not key=value")
             parsed[key.strip()] = parse_yaml(text) if text.strip() else None
-        overrides = parsed
+        overrides = resolve_kwarg_overrides(config, parsed)  # `lr=3e-4` as in Python: the one field of that name
     for key, value in overrides.items():
         _set_dotted(config, key, value)
     config.__post_init__()
@@ -395,10 +432,13 @@ def load_config(path: str | None = None, overrides: list[str] | Mapping[str, Any
     if path is not None:
         with open(path) as f:
             values = parse_yaml(f.read()) or {}
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path}: no such file")
         if not isinstance(values, Mapping):
             raise TypeError(f"{path}: the top level must be a mapping of config keys")
     return apply_overrides(config_from_dict(cls or TrainConfig, values), overrides)
 
+        values = {k: v for k, v in values.items() if k != "versions"}  # a run_config.json: what it ran with
 
 def resolve_kwarg_overrides(config: TrainConfig, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Map Python keyword overrides to dotted keys: ``optim__lr`` -> ``optim.lr``;
@@ -407,7 +447,8 @@ def resolve_kwarg_overrides(config: TrainConfig, kwargs: Mapping[str, Any]) -> d
     Raises:
         KeyError: a name found nowhere or in several sections.
     """
-    sections = {f.name for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))}
+    sections = {f.name for f in dataclasses.fields(config)
+                if dataclasses.is_dataclass(getattr(config, f.name)) and "parse" not in f.metadata}
     dotted = {}
     for key, value in kwargs.items():
         key = key.replace("__", ".")
@@ -445,6 +486,4 @@ def resolve_config(config, overrides: Mapping[str, Any], cls: type | None = None
             config = config_from_dict(cls, dataclasses.asdict(config))
         else:
             raise TypeError(f"config must be a {cls.__name__}, a mapping, a YAML path or None, got {type(config).__name__}")
-    if overrides:
-        config = apply_overrides(config, resolve_kwarg_overrides(config, overrides))
-    return config
+    return apply_overrides(config, resolve_kwarg_overrides(config, overrides or {}))  # a copy: callers may set fields

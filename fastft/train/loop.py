@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -44,13 +45,22 @@ from tqdm.auto import tqdm
 from fastft.data.batching import count_tokens, fetch, to_device
 from fastft.data.sampler import ORDER_KEYS, EpochBatches
 from fastft.train.callbacks import Callback, EarlyStopping
-from fastft.train.checkpoint import export_pretrained, latest_checkpoint, load_checkpoint, save_checkpoint
-from fastft.train.config import TrainConfig, config_as_dict
+from fastft.errors import TrainingDiverged
+from fastft.train.checkpoint import (
+    export_pretrained,
+    latest_checkpoint,
+    load_checkpoint,
+    model_fingerprint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from fastft.train.config import TrainConfig, run_record
 from fastft.train.distributed import Parallel, setup_parallel
 from fastft.train.evaluation import evaluate
 from fastft.train.metrics import MetricsLog, plot_curves
 from fastft.train.objectives import Objective, get_objective
 from fastft.train.optim import build_optimizer
+from fastft.train.output_dir import claim_output_dir
 from fastft.train.runtime import autocast, maybe_patch, seed_everything
 from fastft.train.schedules import build_scheduler, warmup_steps_for
 
@@ -86,6 +96,8 @@ class TrainState:
     log: MetricsLog | None = None
     last_saved_step: int | None = None
 
+    run_id: str = ""  # names this run's checkpoints (kept across resumes): pruning touches only those
+    unlogged: list[dict] = field(default_factory=list)  # per-step records since the last metrics.jsonl line
 
 # ----------------------------------------------------------------------- the loop
 
@@ -119,9 +131,12 @@ def train(
     the DDP wrapper, so parameter names are unchanged.
 
     Raises:
-        ValueError: empty ``train_data``; ``resume`` pointing at a checkpoint whose data
-            order (sampler) differs from this run's; ``distributed: none`` under a
-            multi-process launch.
+        OutputDirInUse: ``output_dir`` holds another run and neither ``resume`` nor
+            ``overwrite`` is set (``fastft.train.output_dir``).
+        TrainingDiverged: the loss or gradient norm became NaN / infinite; the run stops
+            before that step's update, its checkpoints intact.
+        ValueError: empty ``train_data``; ``resume`` pointing at a checkpoint of another
+            model or data order; ``distributed: none`` under a multi-process launch.
         RuntimeError: (distributed) a collective failed or timed out because another
             rank died or hung; the message names this rank and the last checkpoint.
     """
@@ -164,7 +179,7 @@ def train(
             parallel.refresh()  # DDP: re-register parameters if a callback (un)froze some
             losses = accumulate_gradients(model, state.objective, micro_batches, precision=config.precision,
                                           scaler=state.scaler, extra_losses=extra_losses, parallel=parallel)
-            grad_norm, lr = _optimizer_step(state)
+            grad_norm, lr = _optimizer_step(state, losses)
 
             state.step += 1
             state.batch_in_epoch += len(step_batches)
@@ -174,9 +189,10 @@ def train(
             state.last_train = {"step": state.step, "epoch": state.epoch, **losses, "lr": lr, "grad_norm": grad_norm,
                                 "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
             progress.update(1)
+            state.unlogged.append({**state.last_train, "seconds": elapsed})
             progress.set_postfix(loss=f"{losses['loss']:.4f}", tok_s=f"{state.last_train['tokens_per_s']:.0f}")
             if state.step % config.log_every == 0 or state.step == state.total_steps:
-                state.log.write(state.last_train)
+                _log_interval(state)
             for cb in state.callbacks:
                 cb.on_step_end(state, state.last_train)
 
@@ -199,7 +215,8 @@ def train(
         print(message, file=sys.stderr, flush=True)  # before the launcher may kill this process
         raise RuntimeError(message) from error
     if config.plot and parallel.is_main:
-        plot_curves(state.log.path, os.path.join(state.output_dir, "curves.png"))
+        plot_curves(state.log.path, os.path.join(state.output_dir, "curves.png"),
+                    perplexity_panel=state.objective.perplexity_term is not None)
     for cb in state.callbacks:
         cb.on_train_end(state)
     return state
@@ -214,10 +231,13 @@ def _set_up(model, objective, num_examples, config, param_groups, callbacks, col
     order of random draws is part of exact resume)."""
     output_dir = os.path.abspath(config.output_dir)
     parallel = setup_parallel(config)  # one process, or this rank of a torchrun job
+    moved = claim_output_dir(output_dir, resume=config.resume, overwrite=config.overwrite)
+    if moved:
+        print(f"fastft: overwrite: the previous run in {output_dir} was moved to {moved}", file=sys.stderr)
     if parallel.is_main:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "run_config.json"), "w") as f:  # what this run was asked to do
-            json.dump(config_as_dict(config), f, indent=2, default=str)
+            json.dump(run_record(config), f, indent=2)
     seed_everything(config.seed)
     model = maybe_patch(model, config.fused)
     if config.gradient_checkpointing:
@@ -245,7 +265,8 @@ def _set_up(model, objective, num_examples, config, param_groups, callbacks, col
     # Only rank 0 logs: the other ranks write their (identical) records to /dev/null.
     log = MetricsLog(os.path.join(output_dir, "metrics.jsonl") if parallel.is_main else os.devnull)
     return TrainState(model, optimizer, scheduler, config, objective, total_steps, output_dir=output_dir,
-                      parallel=parallel, sampler=sampler, scaler=scaler, callbacks=callbacks, log=log)
+                      parallel=parallel, sampler=sampler, scaler=scaler, callbacks=callbacks, log=log,
+                      run_id=uuid.uuid4().hex)
 
 
 def _resume(state: TrainState, collator) -> None:
@@ -256,16 +277,15 @@ def _resume(state: TrainState, collator) -> None:
         resume_from = latest_checkpoint(os.path.join(state.output_dir, "checkpoints"))
     if not resume_from:
         return
+        state.log.truncate_after(0)  # nothing to resume: what a crashed start logged goes
     trainer_state, extra = load_checkpoint(
+    _check_resumable(state, resume_from, read_trainer_state(resume_from))
         resume_from, model=state.model, optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
         collator=collator if hasattr(collator, "load_state_dict") else None,
     )  # restores the RNG states last: nothing after this may draw random numbers before the loop
-    saved_order = {k: trainer_state["sampler"].get(k) for k in ORDER_KEYS}
-    if saved_order != {k: state.sampler.state_dict()[k] for k in ORDER_KEYS}:
-        raise ValueError(f"resume: checkpoint {resume_from} was written with data order {trainer_state['sampler']}, "
-                         f"this run has {state.sampler.state_dict()}")
     state.step = state.last_saved_step = trainer_state["step"]
     state.epoch = trainer_state["epoch"]
+    state.run_id = trainer_state.get("run_id") or state.run_id  # checkpoints of fastft 0.1.0 have none
     state.batch_in_epoch = trainer_state["batch_in_epoch"]
     # The position in global samples (older checkpoints: micro-batches x their batch size).
     state.samples_in_epoch = trainer_state.get(
@@ -276,21 +296,72 @@ def _resume(state: TrainState, collator) -> None:
     state.checkpoint_path = resume_from
     for cb, cb_state in zip(state.callbacks, extra.get("callbacks", [])):
         cb.load_state_dict(cb_state)
+    dropped = state.log.truncate_after(state.step)  # lines the interrupted run wrote after this checkpoint
+    if state.parallel.is_main:
+        print(f"fastft: resumed from step {state.step} ({resume_from})"
+              + (f"; dropped {dropped} metrics line(s) logged after it" if dropped else ""), file=sys.stderr)
 
 
-def _optimizer_step(state: TrainState) -> tuple[float, float]:
+def _check_resumable(state: TrainState, path: str, saved: dict) -> None:
+    """Refuse, in one line, a checkpoint of another model or data order (before loading it)."""
+    differences = []
+    saved_model, this_model = saved.get("model"), model_fingerprint(state.model)
+    if saved_model is not None and saved_model != this_model:
+        differences += [f"{key} {saved_model.get(key)} vs {this_model[key]}" for key in this_model
+                        if saved_model.get(key) != this_model[key]]
+    saved_order = {k: saved["sampler"].get(k) for k in ORDER_KEYS}
+    this_order = {k: state.sampler.state_dict()[k] for k in ORDER_KEYS}
+    differences += [f"{key} {saved_order[key]} vs {this_order[key]}" for key in ORDER_KEYS
+                    if saved_order[key] != this_order[key]]
+    if differences:
+        raise ValueError(f"resume: checkpoint {path} is of another run (checkpoint vs this run: "
+                         f"{'; '.join(differences)}); start a new run in another output_dir, or overwrite=true")
+
+
+def _optimizer_step(state: TrainState, losses: dict[str, float]) -> tuple[float, float]:
     """Unscale (fp16), clip, step, zero the gradients, advance the schedule. Returns the
-    gradient norm before clipping and the learning rate the step used (first group)."""
+    gradient norm before clipping and the learning rate the step used (first group).
+
+    A NaN / infinite loss, or gradient norm (outside fp16, where GradScaler skips such a
+    step and lowers its scale), stops the run before the update: ``TrainingDiverged``."""
     optimizer, scaler = state.optimizer, state.scaler
     scaler.unscale_(optimizer)  # true gradients before clipping (no-op unless fp16)
     with_grad = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    grad_norm = state.parallel.clip_grad_norm_(with_grad, state.config.optim.max_grad_norm)
+    grad_norm = float(state.parallel.clip_grad_norm_(with_grad, state.config.optim.max_grad_norm))
+    if not math.isfinite(losses["loss"]) or (not math.isfinite(grad_norm) and not scaler.is_enabled()):
+        _diverged(state, losses, grad_norm)
     scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     lr = state.scheduler.get_last_lr()[0]
     state.scheduler.step()
-    return float(grad_norm), lr
+    return grad_norm, lr
+
+
+def _diverged(state: TrainState, losses: dict[str, float], grad_norm: float) -> None:
+    step, config = state.step + 1, state.config
+    if state.unlogged:
+        _log_interval(state)  # the good steps since the last line, then the bad one
+    state.log.write({"step": step, "epoch": state.epoch, **losses, "grad_norm": grad_norm, "diverged": True})
+    kept = f"the last checkpoint, {state.checkpoint_path}, is intact" if state.checkpoint_path else "no checkpoint was written"
+    raise TrainingDiverged(
+        f"step {step}: the loss is {losses['loss']:.4g} and the gradient norm {grad_norm:.4g}: training diverged and "
+        f"stopped before this update ({kept}); try a lower learning rate (optim.lr={config.optim.lr:g} now)"
+        + (f" or precision=bf16 / fp32 instead of {config.precision}" if config.precision != "fp32" else "")
+    )
+
+
+def _log_interval(state: TrainState) -> None:
+    """One metrics.jsonl line for the steps since the last: the last step's record with its
+    losses averaged over them and the throughput over their total time (a single step's
+    loss every ``log_every`` steps is noise, not a curve)."""
+    steps = state.unlogged
+    means = {k: sum(r[k] for r in steps) / len(steps) for k in state.last_train
+             if k.endswith("loss") and all(k in r for r in steps)}
+    tokens = sum(r["tokens"] for r in steps)
+    state.log.write({**state.last_train, **means, "tokens": tokens,
+                     "tokens_per_s": tokens / max(sum(r["seconds"] for r in steps), 1e-9), "steps_logged": len(steps)})
+    state.unlogged = []
 
 
 def _next_epoch(state: TrainState) -> None:
@@ -335,17 +406,22 @@ def _save(state: TrainState, collator, tokenizer) -> None:
             "sampler": state.sampler.state_dict(),
             "last_eval": state.last_eval,
         },
+            "model": model_fingerprint(state.model),
         extra_state={"callbacks": [cb.state_dict() for cb in state.callbacks]},
         tokenizer=tokenizer,
         keep_last=state.config.keep_last,
         parallel=state.parallel,
     )
+        run_id=state.run_id,
     state.last_saved_step = state.step
 
 
 def _finish(state: TrainState, has_eval_data: bool, run_evaluation, checkpoint, tokenizer) -> None:
-    """The last evaluation and checkpoint (unless this step already had them), and the
-    Hugging Face export (FSDP: weights gathered from every rank, written by rank 0)."""
+    """The last metrics line (a run stopped early may end inside an interval), evaluation
+    and checkpoint (unless this step already had them), and the Hugging Face export
+    (FSDP: weights gathered from every rank, written by rank 0)."""
+    if state.unlogged:
+        _log_interval(state)
     if has_eval_data and state.last_eval.get("step") != state.step:
         run_evaluation()
     if state.last_saved_step != state.step:

@@ -1,4 +1,4 @@
-"""Metrics: the JSONL log, perplexity, and the loss / perplexity curve plot."""
+"""Metrics: the JSONL log, perplexity, and the curves plot."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["MetricsLog", "perplexity", "plot_curves"]
+__all__ = ["MetricsLog", "json_safe", "perplexity", "plot_curves"]
 
 
 def perplexity(mean_token_loss: float) -> float:
@@ -15,12 +15,24 @@ def perplexity(mean_token_loss: float) -> float:
     return math.exp(min(mean_token_loss, 700.0))
 
 
-class MetricsLog:
-    """Append-only JSONL file: one JSON object per line (``{"step": ..., "loss": ...}``).
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / infinite float replaced by None: strict JSON has no NaN,
+    and a file with a bare ``NaN`` is not JSON for most readers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
-    Appending means a resumed run continues the same file; a step logged twice (after a
-    crash between a log line and the next checkpoint) is read back with the last value
-    winning.
+
+class MetricsLog:
+    """Append-only JSONL file: one JSON object per line (``{"step": ..., "loss": ...}``),
+    strict JSON (non-finite numbers are written as null).
+
+    Appending means a resumed run continues the same file; ``truncate_after(step)`` first
+    drops what the crashed run logged after its last checkpoint, so no step appears twice.
     """
 
     def __init__(self, path: str):
@@ -29,8 +41,22 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
             f.flush()
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records of steps after ``step`` (written after the checkpoint a run
+        resumes from); returns how many were dropped. Rewritten atomically."""
+        if not os.path.exists(self.path):
+            return 0
+        records = self.read()
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if len(kept) != len(records):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in kept)
+            os.replace(tmp, self.path)
+        return len(records) - len(kept)
 
     def read(self) -> list[dict[str, Any]]:
         if not os.path.exists(self.path):
@@ -56,8 +82,10 @@ def _series(records, key):
     return steps, [by_step[s] for s in steps]
 
 
-def plot_curves(metrics_path: str, png_path: str) -> str | None:
-    """Plot train / eval loss and perplexity against the step into ``png_path``.
+def plot_curves(metrics_path: str, png_path: str, *, perplexity_panel: bool = True) -> str | None:
+    """Plot the train / held-out loss against the step into ``png_path``, and beside it
+    the perplexity (language-model objectives: ``perplexity_panel``) or else every other
+    held-out metric logged (``eval_accuracy`` ...).
 
     Returns the path, or None when there is nothing to plot. Uses matplotlib's Agg
     backend (no display needed).
@@ -72,18 +100,29 @@ def plot_curves(metrics_path: str, png_path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_right) = plt.subplots(1, 2, figsize=(10, 4))
     if train_steps:
         ax_loss.plot(train_steps, train_loss, label="train")
-        ax_ppl.plot(train_steps, [perplexity(v) for v in train_loss], label="train")
     if eval_steps:
         ax_loss.plot(eval_steps, eval_loss, "o-", label="held-out")
-        ax_ppl.plot(eval_steps, [perplexity(v) for v in eval_loss], "o-", label="held-out")
     ax_loss.set(xlabel="optimizer step", ylabel="loss (nats / supervised item)", title="loss")
-    ax_ppl.set(xlabel="optimizer step", ylabel="perplexity", title="perplexity", yscale="log")
-    for ax in (ax_loss, ax_ppl):
+    if perplexity_panel:
+        if train_steps:
+            ax_right.plot(train_steps, [perplexity(v) for v in train_loss], label="train")
+        if eval_steps:
+            ax_right.plot(eval_steps, [perplexity(v) for v in eval_loss], "o-", label="held-out")
+        ax_right.set(xlabel="optimizer step", ylabel="perplexity", title="perplexity", yscale="log")
+    else:
+        names = sorted({k for r in records for k, v in r.items() if k.startswith("eval_") and k != "eval_loss"
+                        and not k.startswith("eval_num_") and isinstance(v, (int, float))})
+        for name in names:
+            steps, values = _series(records, name)
+            ax_right.plot(steps, values, "o-", label=name[len("eval_"):])
+        ax_right.set(xlabel="optimizer step", title="held-out metrics")
+    for ax in (ax_loss, ax_right):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

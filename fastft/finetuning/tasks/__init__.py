@@ -7,6 +7,7 @@
     token          token.py           tokens (list of words), tags (list)        *ForTokenClassification
     qa             qa.py              question, context, answers                 *ForQuestionAnswering
     sft            sft.py             prompt, response                           *ForCausalLM / *LMHeadModel
+    reward         reward.py          prompt, chosen, rejected [, margin]        *ForSequenceClassification, 1
 
 A new task subclasses ``Task`` (``base.py``) in a file of its own and registers in ``TASKS``.
 """
@@ -18,6 +19,7 @@ from typing import Mapping
 from fastft.finetuning.tasks.base import Task
 from fastft.finetuning.tasks.classification import ClassificationTask, RegressionTask
 from fastft.finetuning.tasks.qa import QuestionAnsweringTask
+from fastft.finetuning.tasks.reward import RewardTask
 from fastft.finetuning.tasks.sft import SFTTask
 from fastft.finetuning.tasks.token import TokenClassificationTask
 
@@ -26,6 +28,7 @@ __all__ = [
     "ClassificationTask",
     "QuestionAnsweringTask",
     "RegressionTask",
+    "RewardTask",
     "SFTTask",
     "Task",
     "TokenClassificationTask",
@@ -38,6 +41,7 @@ TASKS = {
     "token": TokenClassificationTask,
     "qa": QuestionAnsweringTask,
     "sft": SFTTask,
+    "reward": RewardTask,
 }
 TASK_ALIASES = {
     "sequence-classification": "classification",
@@ -46,6 +50,7 @@ TASK_ALIASES = {
     "tagging": "token",
     "question-answering": "qa",
     "instruction": "sft",
+    "reward-model": "reward",
 }
 
 

@@ -28,7 +28,7 @@ import torch
 from fastft.data.collators import PadCollator, pad_id_of
 from fastft.train.objectives import Objective
 
-__all__ = ["Task", "forward_names", "label_name"]
+__all__ = ["Task", "distinct_labels", "forward_names", "label_name"]
 
 
 def forward_names(model) -> set[str]:
@@ -118,6 +118,8 @@ class Task:
         the notion does not apply)."""
         return None
 
+    has_scores = False  # predict(..., scores=True) gives class probabilities
+
     @torch.no_grad()
     def predict(self, model, tokenizer, rows: list[dict], *, batch_size: int = 16) -> list:
         raise NotImplementedError
@@ -125,3 +127,15 @@ class Task:
 
 def label_name(value) -> str:
     return value if isinstance(value, str) else str(value)
+
+
+def distinct_labels(values, what: str) -> list:
+    """The sorted distinct labels among ``values``, refusing a mix of forms: ``0`` and
+    ``"0"`` would silently become two classes (JSON from one tool, CSV from another)."""
+    distinct = set(values)
+    names = sorted(str(v) for v in distinct if isinstance(v, str))
+    others = sorted(repr(v) for v in distinct if not isinstance(v, str))
+    if names and others:
+        raise ValueError(f"{what} mix label forms: {', '.join(others[:5])} and {', '.join(map(repr, names[:5]))} "
+                         "(numbers and strings); use one form")
+    return sorted(distinct, key=lambda v: (isinstance(v, str), v))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.finetuning.metrics import ClassificationMetrics, RegressionMetrics
-from fastft.finetuning.tasks.base import Task, forward_names, label_name
+from fastft.finetuning.tasks.base import Task, distinct_labels, forward_names, label_name
 from fastft.train.objectives import Objective, model_inputs
 
 __all__ = ["ClassificationTask", "RegressionObjective", "RegressionTask", "SequenceClassificationObjective"]
@@ -50,6 +50,10 @@ class ClassificationTask(Task):
     required_columns = ("text", "label")
     primary_metric = "accuracy"
     higher_is_better = ("accuracy", "macro_f1")
+    has_scores = True
+    # Probabilities are softmax(logits / temperature): a bundle fitted with temperature scaling
+    # (finetune(..., calibrate=True); fastft.audit.calibration) sets it, predict returns them calibrated.
+    temperature = 1.0
 
     def option_names(self):
         return ("text_column", "pair_column", "label_column")
@@ -72,8 +76,7 @@ class ClassificationTask(Task):
 
     def fit_labels(self, train_rows):
         if self.labels is None:
-            values = {row[self.label_column] for row in train_rows}
-            self.labels = sorted(values, key=lambda v: (isinstance(v, str), v))
+            self.labels = distinct_labels((row[self.label_column] for row in train_rows), "the training rows")
 
     def label_id(self, value) -> int:
         """Class id of a label given as a name or an id."""
@@ -152,20 +155,29 @@ class ClassificationTask(Task):
         return majority_baseline([self._target(r) for r in train_rows], [self._target(r) for r in eval_rows])
 
     @torch.no_grad()
-    def predict(self, model, tokenizer, rows, *, batch_size=16):
+    def predict(self, model, tokenizer, rows, *, batch_size=16, scores=False):
+        """The predicted label per row; with ``scores``, ``{"label", "probabilities":
+        {label: p}}`` per row instead."""
+        return [self._decode(row, scores) for row in self.logits(model, tokenizer, rows, batch_size=batch_size)]
+
+    @torch.no_grad()
+    def logits(self, model, tokenizer, rows, *, batch_size=16) -> torch.Tensor:
+        """The head's outputs for ``rows`` (labels, if any, are ignored): (len(rows), C) fp32."""
         device = next(model.parameters()).device
         collate = self.collator(tokenizer)
-        results = []
+        outputs = []
         for start in range(0, len(rows), batch_size):
             chunk = [{k: v for k, v in r.items() if k != self.label_column} for r in rows[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in collate(self.preprocess(chunk, tokenizer, training=False)).items()}
-            logits = model(**model_inputs(model, batch)).logits.float()  # (B, C)
-            results += self._decode(logits)
-        return results
+            outputs.append(model(**model_inputs(model, batch)).logits.float().cpu())  # (B, C)
+        return torch.cat(outputs)
 
-    def _decode(self, logits):
-        probabilities = logits.softmax(-1)
-        return [self.labels[i] for i in probabilities.argmax(-1).tolist()]
+    def _decode(self, logits, scores):
+        probabilities = (logits / self.temperature).softmax(-1)
+        label = self.labels[int(probabilities.argmax())]
+        if not scores:
+            return label
+        return {"label": label, "probabilities": {label_name(l): float(p) for l, p in zip(self.labels, probabilities)}}
 
 
 class RegressionTask(ClassificationTask):
@@ -174,6 +186,7 @@ class RegressionTask(ClassificationTask):
     name = "regression"
     primary_metric = "mse"
     higher_is_better = ("pearson",)
+    has_scores = False
 
     def fit_labels(self, train_rows):
         self.labels = None
@@ -202,5 +215,5 @@ class RegressionTask(ClassificationTask):
     def majority_score(self, train_rows, eval_rows):
         return None
 
-    def _decode(self, logits):
-        return logits.reshape(-1).tolist()
+    def _decode(self, logits, scores):
+        return float(logits.reshape(-1)[0])

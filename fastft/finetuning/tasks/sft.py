@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fastft.data.collators import IGNORE_INDEX
@@ -63,6 +65,11 @@ class SFTTask(Task):
 
     def preprocess(self, rows, tokenizer, *, training):
         eos = tokenizer.eos_token_id
+        if eos is None and training:
+            warnings.warn(
+                "sft: the tokenizer has no end-of-sequence token, so responses end with no stop marker and the model "
+                "never learns to stop (generation runs to max_new_tokens); give the tokenizer an eos_token "
+                "(and the model an embedding for it) before fine-tuning", stacklevel=2)
         features = []
         for i, row in enumerate(rows):
             prompt = self._prompt_ids(tokenizer, row["prompt"])

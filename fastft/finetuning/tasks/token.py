@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fastft.data.collators import IGNORE_INDEX
 from fastft.finetuning.metrics import TokenClassificationMetrics
-from fastft.finetuning.tasks.base import Task, label_name
+from fastft.finetuning.tasks.base import Task, distinct_labels, label_name
 from fastft.train.objectives import Objective, model_inputs
 
 __all__ = ["TokenClassificationObjective", "TokenClassificationTask"]
@@ -46,7 +46,7 @@ class TokenClassificationTask(Task):
 
     def fit_labels(self, train_rows):
         if self.labels is None:
-            self.labels = sorted({t for row in train_rows for t in row["tags"]}, key=lambda v: (isinstance(v, str), v))
+            self.labels = distinct_labels((t for row in train_rows for t in row["tags"]), "the training rows' tags")
 
     def label_id(self, value):
         if value in self.labels:
