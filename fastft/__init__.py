@@ -25,12 +25,12 @@ _LAZY = {
     "align": ("fastft.recipes.align", "align"),
     "peft": ("fastft.peft", None),
     "nn": ("fastft.nn", None),
+    "active": ("fastft.active", None),
+    "audit": ("fastft.audit", None),
 }
 
 
 def __getattr__(name):
-    "active": ("fastft.active", None),
-    "audit": ("fastft.audit", None),
     if name in _LAZY:
         module_name, attribute = _LAZY[name]
         module = importlib.import_module(module_name)
