@@ -364,9 +364,6 @@ def config_as_dict(config) -> dict[str, Any]:
     return result
 
 
-def apply_overrides(config: TrainConfig, overrides: list[str] | Mapping[str, Any]) -> TrainConfig:
-    """Apply ``["optim.lr=3e-4", ...]`` (values parsed as YAML; a field name unique across
-    the sections may stand alone: ``lr=3e-4``) or ``{"optim.lr": 3e-4}``.
 def run_record(config) -> dict[str, Any]:
     """What ``run_config.json`` holds: ``config`` as plain data (options as their specs;
     data given as Python lists or objects described, not dumped) and the versions it ran
@@ -398,6 +395,9 @@ def _describe(value: Any) -> Any:
     return f"<{type(value).__name__} given from Python>"
 
 
+def apply_overrides(config: TrainConfig, overrides: list[str] | Mapping[str, Any]) -> TrainConfig:
+    """Apply ``["optim.lr=3e-4", ...]`` (values parsed as YAML; a field name unique across
+    the sections may stand alone: ``lr=3e-4``) or ``{"optim.lr": 3e-4}``.
 
     Returns a new config (the argument is not modified); checks run again afterwards.
 
@@ -430,15 +430,15 @@ def load_config(path: str | None = None, overrides: list[str] | Mapping[str, Any
     """
     values = {}
     if path is not None:
-        with open(path) as f:
-            values = parse_yaml(f.read()) or {}
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path}: no such file")
+        with open(path) as f:
+            values = parse_yaml(f.read()) or {}
         if not isinstance(values, Mapping):
             raise TypeError(f"{path}: the top level must be a mapping of config keys")
+        values = {k: v for k, v in values.items() if k != "versions"}  # a run_config.json: what it ran with
     return apply_overrides(config_from_dict(cls or TrainConfig, values), overrides)
 
-        values = {k: v for k, v in values.items() if k != "versions"}  # a run_config.json: what it ran with
 
 def resolve_kwarg_overrides(config: TrainConfig, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Map Python keyword overrides to dotted keys: ``optim__lr`` -> ``optim.lr``;

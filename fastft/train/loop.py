@@ -95,9 +95,9 @@ class TrainState:
     callbacks: list[Callback] = field(default_factory=list)
     log: MetricsLog | None = None
     last_saved_step: int | None = None
-
     run_id: str = ""  # names this run's checkpoints (kept across resumes): pruning touches only those
     unlogged: list[dict] = field(default_factory=list)  # per-step records since the last metrics.jsonl line
+
 
 # ----------------------------------------------------------------------- the loop
 
@@ -188,8 +188,8 @@ def train(
             elapsed = time.perf_counter() - started
             state.last_train = {"step": state.step, "epoch": state.epoch, **losses, "lr": lr, "grad_norm": grad_norm,
                                 "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9)}
-            progress.update(1)
             state.unlogged.append({**state.last_train, "seconds": elapsed})
+            progress.update(1)
             progress.set_postfix(loss=f"{losses['loss']:.4f}", tok_s=f"{state.last_train['tokens_per_s']:.0f}")
             if state.step % config.log_every == 0 or state.step == state.total_steps:
                 _log_interval(state)
@@ -230,10 +230,10 @@ def _set_up(model, objective, num_examples, config, param_groups, callbacks, col
     step budget, optimizer, schedule, callbacks and the metrics log, in that order (the
     order of random draws is part of exact resume)."""
     output_dir = os.path.abspath(config.output_dir)
-    parallel = setup_parallel(config)  # one process, or this rank of a torchrun job
     moved = claim_output_dir(output_dir, resume=config.resume, overwrite=config.overwrite)
     if moved:
         print(f"fastft: overwrite: the previous run in {output_dir} was moved to {moved}", file=sys.stderr)
+    parallel = setup_parallel(config)  # one process, or this rank of a torchrun job
     if parallel.is_main:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "run_config.json"), "w") as f:  # what this run was asked to do
@@ -276,16 +276,16 @@ def _resume(state: TrainState, collator) -> None:
     if resume_from == "auto" or resume_from is True:
         resume_from = latest_checkpoint(os.path.join(state.output_dir, "checkpoints"))
     if not resume_from:
-        return
         state.log.truncate_after(0)  # nothing to resume: what a crashed start logged goes
-    trainer_state, extra = load_checkpoint(
+        return
     _check_resumable(state, resume_from, read_trainer_state(resume_from))
+    trainer_state, extra = load_checkpoint(
         resume_from, model=state.model, optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
         collator=collator if hasattr(collator, "load_state_dict") else None,
     )  # restores the RNG states last: nothing after this may draw random numbers before the loop
     state.step = state.last_saved_step = trainer_state["step"]
-    state.epoch = trainer_state["epoch"]
     state.run_id = trainer_state.get("run_id") or state.run_id  # checkpoints of fastft 0.1.0 have none
+    state.epoch = trainer_state["epoch"]
     state.batch_in_epoch = trainer_state["batch_in_epoch"]
     # The position in global samples (older checkpoints: micro-batches x their batch size).
     state.samples_in_epoch = trainer_state.get(
@@ -405,14 +405,14 @@ def _save(state: TrainState, collator, tokenizer) -> None:
             "total_steps": state.total_steps,
             "sampler": state.sampler.state_dict(),
             "last_eval": state.last_eval,
-        },
             "model": model_fingerprint(state.model),
+        },
         extra_state={"callbacks": [cb.state_dict() for cb in state.callbacks]},
         tokenizer=tokenizer,
         keep_last=state.config.keep_last,
         parallel=state.parallel,
-    )
         run_id=state.run_id,
+    )
     state.last_saved_step = state.step
 
 
