@@ -214,7 +214,8 @@ def test_opcheck():
     for reduction, grad_mask in [("mean", [True, True, True]), ("none", [True, True, True]), ("sum", [False, False, False])]:
         # grad_mask says which inputs require grad, as the public function derives it
         h, w, b = (t.detach().requires_grad_(need) for t, need in zip((hidden, weight, bias), grad_mask))
-        torch.library.opcheck(op, (h.reshape(-1, 8), w, b, labels.reshape(-1), -100, reduction, 0.1, "torch", grad_mask))
+        torch.library.opcheck(op, (h.reshape(-1, 8), w, b, labels.reshape(-1), -100, reduction, 0.1, "torch", grad_mask,
+                                   "ieee"))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -266,6 +267,37 @@ def test_torch_backend_peak_memory_is_bounded_by_a_chunk():
     assert naive_small >= logits_small and naive_large >= 2 * logits_small, out.stdout
     assert fused_large < fused_small + logits_small / 8, f"fused peak grew with tokens: {out.stdout}"
     assert fused_large < naive_large / 5, f"fused peak not far below naive: {out.stdout}"
+
+
+def test_reduced_loss_backward_holds_one_weight_gradient():
+    """loss.backward() of a reduced loss: the gradients computed in the forward pass are
+    scaled in place and become .grad, and autograd gets no zero-filled gradients for the
+    op's other outputs; so forward+backward needs the gradients plus one chunk of logits,
+    not a second (V, H) weight gradient (measured in a fresh process, as above)."""
+    script = textwrap.dedent("""
+        import importlib, re, torch
+        from fastft.ops import linear_cross_entropy
+        module = importlib.import_module("fastft.ops.linear_cross_entropy")
+        module.CHUNK_LOGITS = 1 << 20  # 4 MiB chunks
+        def rss(field):
+            return int(re.search(field + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+        torch.manual_seed(0)
+        tokens, hidden_size, vocab = 512, 256, 32768  # weight gradient: 32 MiB
+        h = torch.randn(tokens, hidden_size, requires_grad=True)
+        w = (torch.randn(vocab, hidden_size) / 16).requires_grad_()
+        y = torch.randint(0, vocab, (tokens,))
+        for _ in range(2):  # warm up, then measure
+            h.grad = w.grad = None
+            open("/proc/self/clear_refs", "w").write("5")
+            before = rss("VmRSS")
+            (2.0 * linear_cross_entropy(h, w, y)).backward()
+            print(rss("VmHWM") - before - (h.numel() + w.numel()) * 4)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    extra = int(out.stdout.split()[-1])
+    chunk, weight_gradient = 4 << 20, 32 << 20
+    assert extra < chunk + weight_gradient / 4, f"{extra / 2**20:.1f} MiB beyond the gradients (chunk: 4 MiB)"
 
 
 # --------------------------------------------------------------------------- CUDA backend, directly

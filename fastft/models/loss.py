@@ -25,8 +25,9 @@ __all__ = ["masked_lm_loss", "causal_lm_loss", "LOSS_BY_CLASS", "loss_for"]
 def _matching_dtypes(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
     """Cast as ``F.linear`` would: to the autocast dtype when autocast is on for this device.
 
-    Under autocast the unfused head's matmul runs in the autocast dtype while a
-    LayerNorm before it returns fp32, so hidden and weight dtypes can differ here.
+    Not needed before ``linear_cross_entropy``, which handles autocast itself (and keeps an
+    fp32 master weight's gradient fp32 without copying the weight); kept for callers that
+    still cast (fastft.alignment.logprobs).
     """
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -43,10 +44,13 @@ def _reduced_cross_entropy(hidden, head, labels, num_items_in_batch, ignore_inde
     accumulation the trainer counts the labelled tokens of all micro-batches and each
     micro-batch's loss is its sum divided by that count.
     """
-    hidden, weight, bias = _matching_dtypes(hidden, head.weight, head.bias)
+    # Under autocast the hidden states may be bf16 while the head's weight is the fp32
+    # master: linear_cross_entropy takes both as they are (fp32 logits and weight gradient;
+    # bf16 matmuls where the device does them fast), where casting the weight here would
+    # copy it and round its gradient to bf16.
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = linear_cross_entropy(
-        hidden, weight, labels.to(hidden.device), bias=bias, ignore_index=ignore_index, reduction=reduction
+        hidden, head.weight, labels.to(hidden.device), bias=head.bias, ignore_index=ignore_index, reduction=reduction
     )
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):

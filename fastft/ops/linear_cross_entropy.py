@@ -5,13 +5,16 @@
 ``(tokens, vocab)`` logits: only the rows whose label is not ``ignore_index`` are
 gathered (masked-LM supervises ~15% of tokens, so ~85% of the work disappears), and
 those are processed a chunk at a time. Logits, log-sum-exp and the weight gradient are
-accumulated in fp32 whatever the input dtype.
+accumulated in fp32 whatever the input dtype, also under ``torch.autocast`` (see the
+function's docstring: the matmuls take the autocast dtype where that is fast).
 
 Gradients are computed during the forward pass when autograd will need them and the
 loss is reduced (``mean`` / ``sum``): the upstream gradient of a reduced loss is one
 scalar, so the backward pass only scales what the forward pass already produced. That
 saves recomputing the logits (one of four vocab-sized matmuls). With ``reduction="none"``
-the upstream gradient differs per row, so backward recomputes.
+the upstream gradient differs per row, so backward recomputes. When the backward pass is
+the graph's last (no ``retain_graph``), the precomputed gradients are scaled in place and
+handed on as they are: the op's peak memory holds one weight gradient, not two.
 
 Every backend implements one function over the gathered labelled rows,
 
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft._dispatch import choose_backend
+from fastft._precision import autocast_dtype, autocast_off, cpu_matmul_precision, loss_matmul_precision
 from fastft.kernels._common import triton_reasons
 from fastft.ops import linear_cross_entropy_cuda
 
@@ -42,10 +46,14 @@ REDUCTIONS = ("mean", "sum", "none")
 # Measured fastest first (benchmarks/NOTES.md); CPU inputs fall through to torch.
 PRIORITY = ("cuda", "triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The torch backend processes at most this many logits (fp32) at once: 4M * 4 B = 16 MiB,
-# bounded by a constant, never by tokens x vocab. Still hundreds of rows per GEMM at BERT's
-# vocabulary (137 rows x 30522), enough to keep a CPU's matmul efficient.
-CHUNK_LOGITS = 1 << 22
+# The torch backend processes at most this many logits (fp32) at once: 6M * 4 B = 24 MiB,
+# bounded by a constant, never by tokens x vocab: 206 rows at BERT's vocabulary of 30522.
+# Picked by measurement (benchmarks/NOTES.md, "CPU: chunk size"): on a 32 MiB-L3 AMD EPYC,
+# chunks of 192-256 rows at V = 30522 (23-31 MiB) ran causal-LM 1.2x faster than naive on
+# one core, 274 rows (33 MiB) and more fell back to naive's speed: a chunk that stays in
+# the last-level cache between its passes (written by a GEMM, max, exp, sum, scale, read by
+# two GEMMs).
+CHUNK_LOGITS = 6 << 20
 
 
 # --------------------------------------------------------------------------- reference
@@ -85,54 +93,75 @@ def linear_cross_entropy_ref(
 # --------------------------------------------------------------------------- backends
 
 
-def _rows_torch(hidden, weight, bias, labels, label_smoothing, row_scale, grad_mask):
+def _rows_torch(hidden, weight, bias, labels, label_smoothing, row_scale, grad_mask, matmul_precision="ieee"):
     """Chunked pure-PyTorch rows function: the CPU path.
 
-    Each chunk of rows computes its (chunk, V) logits in fp32, the log-sum-exp and loss,
-    and, when ``row_scale`` is given, turns the logits in place into the gradient of the
-    loss with respect to them (softmax - smoothed one-hot) before two matmuls give the
-    hidden and weight gradients. Peak extra memory: one chunk of logits, plus an fp32
-    weight-gradient accumulator when the weight is 16-bit.
+    Each chunk of ``c`` rows computes its logits transposed, ``(V, c)`` = ``W @ hᵀ``, in
+    fp32 (the vocabulary on the outer axis: MKL ran ``h @ Wᵀ`` at ~34 GFLOP/s and ``W @ hᵀ``
+    at ~50-60 on one core of an AMD EPYC, while the two gradient GEMMs run as fast in
+    either layout; benchmarks/NOTES.md). Then, in place, ``exp(z - max)``, whose column
+    sums give the log-sum-exp (``max + log(sum)``: the max-shifted form, no overflow) and
+    the loss; when ``row_scale`` is given the same buffer becomes, in one more pass, the
+    gradient of the loss with respect to the logits (``row_scale * (softmax - smoothed
+    one-hot)``) before two matmuls give the hidden and weight gradients. The weight
+    gradient accumulates in fp32 across chunks (the first chunk writes it, so it is never
+    zero-filled).
+
+    ``matmul_precision`` ``"bf16"`` (``fastft._precision.loss_matmul_precision``: bf16 on
+    a CPU with native bf16) multiplies with bf16 operands and fp32 accumulation and
+    results; ``"ieee"``: fp32 throughout. Inputs of any float dtype are read as fp32 (a
+    16-bit weight is upcast once; fp32 master weights are read in place).
+
+    Peak extra memory: one chunk of logits (``CHUNK_LOGITS`` fp32), plus an fp32 copy of a
+    16-bit weight.
     """
     num_rows, _ = hidden.shape
     vocab = weight.shape[0]
     weight32 = weight.float()
     bias32 = None if bias is None else bias.float()
     want_grad = row_scale is not None
-    loss = torch.empty(num_rows, dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_grad and grad_mask[0] else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if want_grad and grad_mask[1] else None
-    grad_bias = (torch.zeros(vocab, dtype=torch.float32, device=hidden.device)
-                 if want_grad and bias is not None and grad_mask[2] else None)
-    chunk = max(1, CHUNK_LOGITS // vocab)
-    for start in range(0, num_rows, chunk):
-        end = min(start + chunk, num_rows)
-        h = hidden[start:end].float()  # (c, H)
-        y = labels[start:end]
-        logits = h @ weight32.T  # (c, V) fp32
-        if bias32 is not None:
-            logits += bias32
-        lse = torch.logsumexp(logits, dim=-1)  # (c,)
-        target = logits.gather(1, y[:, None]).squeeze(1)
-        # Smoothed cross-entropy: (1-e) * (lse - z_y) + e * (lse - mean_j z_j).
-        row_loss = lse - (1.0 - label_smoothing) * target
-        if label_smoothing:
-            row_loss -= label_smoothing * logits.mean(dim=-1)
-        loss[start:end] = row_loss
-        if not want_grad:
-            continue
-        # d loss / d logits = softmax - (1-e) * onehot(y) - e / V, reusing the logits buffer.
-        grad_logits = logits.sub_(lse[:, None]).exp_()
-        if label_smoothing:
-            grad_logits -= label_smoothing / vocab
-        grad_logits[torch.arange(end - start, device=h.device), y] -= 1.0 - label_smoothing
-        grad_logits *= row_scale[start:end, None]
-        if grad_hidden is not None:
-            torch.mm(grad_logits, weight32, out=grad_hidden[start:end])
-        if grad_weight is not None:
-            grad_weight.addmm_(grad_logits.T, h)
-        if grad_bias is not None:
-            grad_bias += grad_logits.sum(dim=0)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    loss = torch.empty(num_rows, **f32)
+    grad_hidden = torch.empty(hidden.shape, **f32) if want_grad and grad_mask[0] else None
+    grad_weight = torch.empty(weight.shape, **f32) if want_grad and grad_mask[1] else None
+    grad_bias = torch.zeros(vocab, **f32) if want_grad and bias is not None and grad_mask[2] else None
+    chunk = max(1, min(CHUNK_LOGITS // vocab, num_rows))
+    buffer = torch.empty(vocab * chunk, **f32)  # one chunk's logits, reused: never two alive at once
+    with cpu_matmul_precision(matmul_precision):
+        for start in range(0, num_rows, chunk):
+            end = min(start + chunk, num_rows)
+            h = hidden[start:end].float()  # (c, H)
+            y = labels[start:end]
+            columns = torch.arange(end - start, device=h.device)
+            logits_t = torch.mm(weight32, h.T, out=buffer[: vocab * (end - start)].view(vocab, end - start))  # (V, c)
+            if bias32 is not None:
+                logits_t += bias32[:, None]
+            target = logits_t[y, columns]  # (c,)
+            # Smoothed cross-entropy: (1-e) * (lse - z_y) + e * (lse - mean_j z_j).
+            row_loss = -(1.0 - label_smoothing) * target
+            if label_smoothing:
+                row_loss -= label_smoothing * logits_t.mean(dim=0)
+            row_max = logits_t.amax(dim=0)  # (c,)
+            exp_shifted = logits_t.sub_(row_max).exp_()  # exp(z - max) in the logits' buffer
+            sum_exp = exp_shifted.sum(dim=0)  # (c,) >= 1
+            loss[start:end] = row_loss.add_(row_max).add_(sum_exp.log())  # + lse
+            if not want_grad:
+                continue
+            # d loss / d logits = softmax - (1-e) * onehot(y) - e / V, times row_scale, in place.
+            scale = row_scale[start:end]
+            grad_logits_t = exp_shifted.mul_(scale / sum_exp)  # (V, c)
+            if label_smoothing:
+                grad_logits_t -= scale * (label_smoothing / vocab)
+            grad_logits_t[y, columns] -= scale * (1.0 - label_smoothing)
+            if grad_hidden is not None:
+                torch.mm(grad_logits_t.T, weight32, out=grad_hidden[start:end])  # (c, H)
+            if grad_weight is not None:
+                if start == 0:
+                    torch.mm(grad_logits_t, h, out=grad_weight)  # (V, H)
+                else:
+                    grad_weight.addmm_(grad_logits_t, h)
+            if grad_bias is not None:
+                grad_bias += grad_logits_t.sum(dim=1)
     return loss, grad_hidden, grad_weight, grad_bias
 
 
@@ -143,6 +172,29 @@ def _rows_triton(*args):
 
 
 ROWS = {"torch": _rows_torch, "triton": _rows_triton, "cuda": linear_cross_entropy_cuda.linear_cross_entropy_rows}
+
+
+def _run_rows(backend, hidden, weight, bias, labels, label_smoothing, row_scale, grad_mask, matmul_precision):
+    """``ROWS[backend]``; the torch backend also takes the CPU matmul precision."""
+    if backend == "torch":
+        return _rows_torch(hidden, weight, bias, labels, label_smoothing, row_scale, grad_mask, matmul_precision)
+    return ROWS[backend](hidden, weight, bias, labels, label_smoothing, row_scale, grad_mask)
+
+
+def _labelled_rows(hidden, labels, ignore_index):
+    """(indices of the labelled rows, or None when every row is labelled; their hidden
+    states; their labels). Causal-LM labels every row: then nothing is gathered."""
+    selected = (labels != ignore_index).nonzero().squeeze(1)  # rows that cost anything
+    if selected.numel() == labels.numel():
+        return None, hidden, labels
+    return selected, hidden.index_select(0, selected), labels.index_select(0, selected)
+
+
+def _scatter_rows(rows, selected, num_rows):
+    """Per-row fp32 results of the labelled rows -> all rows (zeros elsewhere)."""
+    if selected is None:
+        return rows
+    return rows.new_zeros(num_rows, *rows.shape[1:]).index_copy_(0, selected, rows)
 
 
 def backend_reasons(hidden: torch.Tensor, weight: torch.Tensor) -> dict:
@@ -173,26 +225,25 @@ def _check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         )
 
 
-def _forward(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, backend, grad_mask):
+def _forward(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, backend, grad_mask,
+             matmul_precision):
     """Shared body of the forward op: gather labelled rows, run the backend, reduce."""
     num_rows = hidden.shape[0]
     _check_labels(labels, weight.shape[0], ignore_index)
-    selected = (labels != ignore_index).nonzero().squeeze(1)  # rows that cost anything
-    count = selected.numel()
+    selected, rows_hidden, rows_labels = _labelled_rows(hidden, labels, ignore_index)
+    count = rows_labels.numel()
     want_grad = any(grad_mask) and reduction != "none"
     row_scale = None
     if want_grad:  # gradient of the reduced loss w.r.t. each row's loss
         scale = 1.0 / count if (reduction == "mean" and count) else 1.0
         row_scale = torch.full((count,), scale, dtype=torch.float32, device=hidden.device)
     if count:
-        loss_rows, grad_h_rows, grad_weight, grad_bias = ROWS[backend](
-            hidden.index_select(0, selected), weight, bias, labels.index_select(0, selected),
-            label_smoothing, row_scale, grad_mask,
-        )
+        loss_rows, grad_h_rows, grad_weight, grad_bias = _run_rows(
+            backend, rows_hidden, weight, bias, rows_labels, label_smoothing, row_scale, grad_mask, matmul_precision)
     else:  # nothing supervised: no kernel launch, zero gradients below
         loss_rows, grad_h_rows, grad_weight, grad_bias = hidden.new_zeros(0, dtype=torch.float32), None, None, None
     if reduction == "none":
-        loss = loss_rows.new_zeros(num_rows).index_copy_(0, selected, loss_rows)
+        loss = _scatter_rows(loss_rows, selected, num_rows)
     else:
         loss = loss_rows.sum()
         if reduction == "mean":
@@ -202,9 +253,8 @@ def _forward(hidden, weight, bias, labels, ignore_index, reduction, label_smooth
     f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_hidden = hidden.new_empty(0, **f32)
     if want_grad and grad_mask[0]:
-        grad_hidden = hidden.new_zeros(hidden.shape, **f32)
-        if grad_h_rows is not None:
-            grad_hidden.index_copy_(0, selected, grad_h_rows)
+        grad_hidden = (_scatter_rows(grad_h_rows, selected, num_rows) if grad_h_rows is not None
+                       else hidden.new_zeros(hidden.shape, **f32))
     if grad_weight is None:
         grad_weight = hidden.new_zeros(weight.shape, **f32) if want_grad and grad_mask[1] else hidden.new_empty(0, **f32)
     if grad_bias is None:
@@ -224,14 +274,18 @@ def _linear_cross_entropy_op(
     label_smoothing: float,
     backend: str,
     grad_mask: list[bool],
+    matmul_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, grad_hidden, grad_weight, grad_bias); the gradients (fp32, of the
-    reduced loss) are empty unless precomputed for a reduced loss with grad_mask set."""
-    return _forward(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, backend, grad_mask)
+    reduced loss) are empty unless precomputed for a reduced loss with grad_mask set.
+    Runs with autocast off: the inputs' dtypes and ``matmul_precision`` say how to compute."""
+    with autocast_off(hidden.device.type):
+        return _forward(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, backend, grad_mask,
+                        matmul_precision)
 
 
 @_linear_cross_entropy_op.register_fake
-def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, backend, grad_mask):
+def _(hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, backend, grad_mask, matmul_precision):
     want_grad = any(grad_mask) and reduction != "none"
     f32 = dict(dtype=torch.float32, device=hidden.device)
     loss = hidden.new_empty(hidden.shape[:1] if reduction == "none" else (), **f32)
@@ -253,69 +307,101 @@ def _linear_cross_entropy_backward_op(
     label_smoothing: float,
     backend: str,
     grad_mask: list[bool],
+    matmul_precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recomputing backward for ``reduction="none"``: per-row upstream gradients."""
-    selected = (labels != ignore_index).nonzero().squeeze(1)
-    row_scale = grad_loss.index_select(0, selected).float()
-    grad_h_rows = grad_weight = grad_bias = None
-    if selected.numel():
-        _, grad_h_rows, grad_weight, grad_bias = ROWS[backend](
-            hidden.index_select(0, selected), weight, bias, labels.index_select(0, selected),
-            label_smoothing, row_scale, grad_mask,
-        )
-    grad_hidden = hidden.new_zeros(hidden.shape, dtype=torch.float32)
-    if grad_h_rows is not None:
-        grad_hidden.index_copy_(0, selected, grad_h_rows)
-    if grad_weight is None:
-        grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32)
-    if grad_bias is None:
-        grad_bias = weight.new_zeros(weight.shape[0], dtype=torch.float32)
-    return grad_hidden, grad_weight, grad_bias
+    with autocast_off(hidden.device.type):
+        selected, rows_hidden, rows_labels = _labelled_rows(hidden, labels, ignore_index)
+        row_scale = (grad_loss if selected is None else grad_loss.index_select(0, selected)).float()
+        grad_h_rows = grad_weight = grad_bias = None
+        if rows_labels.numel():
+            _, grad_h_rows, grad_weight, grad_bias = _run_rows(
+                backend, rows_hidden, weight, bias, rows_labels, label_smoothing, row_scale, grad_mask,
+                matmul_precision)
+        if grad_h_rows is not None:
+            grad_hidden = _scatter_rows(grad_h_rows, selected, hidden.shape[0])
+        else:
+            grad_hidden = hidden.new_zeros(hidden.shape, dtype=torch.float32)
+        if grad_weight is None:
+            grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32)
+        if grad_bias is None:
+            grad_bias = weight.new_zeros(weight.shape[0], dtype=torch.float32)
+        return grad_hidden, grad_weight, grad_bias
 
 
 @_linear_cross_entropy_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, labels, ignore_index, label_smoothing, backend, grad_mask):
+def _(grad_loss, hidden, weight, bias, labels, ignore_index, label_smoothing, backend, grad_mask, matmul_precision):
     f32 = dict(dtype=torch.float32)
     return (hidden.new_empty(hidden.shape, **f32), weight.new_empty(weight.shape, **f32),
             weight.new_empty(weight.shape[:1], **f32))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, backend, grad_mask = inputs
+    (hidden, weight, bias, labels, ignore_index, reduction, label_smoothing, backend, grad_mask,
+     matmul_precision) = inputs
     _, grad_hidden, grad_weight, grad_bias = output
     ctx.precomputed = reduction != "none"
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.has_bias = bias is not None
-    ctx.args = (ignore_index, label_smoothing, backend, grad_mask)
+    ctx.args = (ignore_index, label_smoothing, backend, grad_mask, matmul_precision)
     if ctx.precomputed:
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     else:
         ctx.save_for_backward(hidden, weight, bias, labels)
     ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias)
+    # Backward uses only the loss's gradient: without this, autograd would hand it zero-filled
+    # gradients for the three other outputs, i.e. allocate and zero a second weight gradient.
+    ctx.set_materialize_grads(False)
+
+
+def _scale_in_place_is_safe(saved) -> bool:
+    """True inside a backward pass after which autograd frees the graph (no
+    ``retain_graph``, no ``create_graph``), on plain tensors: then no later backward reads
+    this node's saved tensors and they may be overwritten. False when unsure: outside
+    autograd's engine, while torch.compile traces (its tensors are subclasses), or a torch
+    without the query."""
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in saved):
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
 
 
 def _backward(ctx, grad_loss, _grad_hidden, _grad_weight, _grad_bias):
     hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
     grad_mask = ctx.args[3]
-    if ctx.precomputed:  # d(reduced loss) is one scalar: scale what forward computed
-        grad_hidden, grad_weight, grad_bias = (g * grad_loss for g in ctx.saved_tensors)
+    if grad_loss is None:  # grads are not materialised (_setup_context): the loss got none
+        return (None,) * 10
+    if ctx.precomputed:
+        # d(reduced loss) is one scalar: scale what forward computed. In place when this
+        # is the graph's last backward (the usual loss.backward()): the saved buffers then
+        # become the gradients themselves, and autograd hands them on without a copy --
+        # the weight gradient is the largest buffer of the whole op.
+        saved = ctx.saved_tensors
+        if _scale_in_place_is_safe(saved):
+            grad_hidden, grad_weight, grad_bias = (g.mul_(grad_loss) for g in saved)
+        else:
+            grad_hidden, grad_weight, grad_bias = (g * grad_loss for g in saved)
+        del saved
     else:
         hidden, weight, bias, labels = ctx.saved_tensors
-        ignore_index, label_smoothing, backend, grad_mask = ctx.args
+        ignore_index, label_smoothing, backend, grad_mask, matmul_precision = ctx.args
         grad_hidden, grad_weight, grad_bias = _linear_cross_entropy_backward_op(
-            grad_loss, hidden, weight, bias, labels, ignore_index, label_smoothing, backend, grad_mask)
+            grad_loss, hidden, weight, bias, labels, ignore_index, label_smoothing, backend, grad_mask,
+            matmul_precision)
     return (
         grad_hidden.to(hidden_dtype) if grad_mask[0] else None,
         grad_weight.to(weight_dtype) if grad_mask[1] else None,
         grad_bias.to(bias_dtype) if ctx.has_bias and grad_mask[2] else None,
-        None, None, None, None, None, None,
+        None, None, None, None, None, None, None,
     )
 
 
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(hidden, weight, labels, bias, reduction, label_smoothing):
+def _validate(hidden, weight, labels, bias, reduction, label_smoothing, under_autocast):
+    """Raise on bad inputs. Under autocast the float dtypes may differ (e.g. bf16 hidden
+    states and fp32 master weights), as ``F.linear`` accepts them there."""
     for name, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -327,7 +413,10 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing):
         raise ValueError(f"weight must have shape (V, H) = (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (vocab size V >= 1)")
-    if weight.dtype != hidden.dtype:
+    if under_autocast:
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    elif weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
@@ -339,7 +428,10 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
+        if under_autocast:
+            if not bias.is_floating_point():
+                raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        elif bias.dtype != hidden.dtype:
             raise TypeError(f"bias dtype {bias.dtype} does not match hidden dtype {hidden.dtype}")
         devices.add(("bias", bias.device))
     if len({d for _, d in devices}) > 1:
@@ -365,7 +457,8 @@ def linear_cross_entropy(
 
     Args:
         hidden: ``(..., H)`` fp32 / fp16 / bf16 final hidden states (e.g. ``(batch, seq, H)``).
-        weight: ``(V, H)`` output embedding / LM head, same dtype and device as ``hidden``.
+        weight: ``(V, H)`` output embedding / LM head, same dtype and device as ``hidden``
+            (under autocast: any float dtype, e.g. the fp32 master weight).
         labels: ``hidden.shape[:-1]`` int64 / int32 targets in ``[0, V)`` or ``ignore_index``.
             For causal-LM pass labels already shifted (``labels[t] = tokens[t + 1]``).
         bias: optional ``(V,)`` output bias.
@@ -378,7 +471,16 @@ def linear_cross_entropy(
     Returns:
         The loss in float32 (it is accumulated in fp32; casting it down would only discard
         digits). With ``reduction="mean"`` and every row ignored the result is NaN and the
-        gradients are zero, exactly as ``F.cross_entropy``.
+        gradients are zero, exactly as ``F.cross_entropy``. Gradients come back in each
+        input's own dtype.
+
+    Mixed precision. Under ``torch.autocast`` the matmuls take the autocast dtype, as
+    ``F.linear`` would, while the logits, log-sum-exp, loss and weight gradient stay fp32:
+    on a GPU the inputs are cast and the fused kernels run; on a CPU the torch backend
+    reads the inputs as they are (fp32 master weights without a copy) and, for bf16 on a
+    CPU with native bf16 (AMX / AVX512-BF16), multiplies with bf16 operands and fp32
+    accumulation; on a CPU without it, in fp32, the faster choice there (bf16 is emulated)
+    and never less accurate. bf16 inputs outside autocast get the same CPU treatment.
 
     Raises:
         TypeError: non-tensor inputs, non-float hidden, mismatched dtypes, non-integer labels.
@@ -386,13 +488,27 @@ def linear_cross_entropy(
             ``ignore_index``, a bad reduction / label_smoothing, or a backend that cannot run
             these inputs (the message lists its reasons).
     """
-    _validate(hidden, weight, labels, bias, reduction, label_smoothing)
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    autocast_to = autocast_dtype(device_type)
+    _validate(hidden, weight, labels, bias, reduction, label_smoothing, autocast_to is not None)
+    if autocast_to is not None and device_type != "cpu":
+        # The GPU kernels take one dtype: cast as F.linear does under autocast.
+        hidden, weight, bias = _cast_all((hidden, weight, bias), autocast_to)
     chosen = choose_backend("linear_cross_entropy", backend, backend_reasons(hidden, weight), PRIORITY, hidden.device)
+    if autocast_to is not None and chosen != "torch":  # the Triton interpreter on CPU tensors
+        hidden, weight, bias = _cast_all((hidden, weight, bias), autocast_to)
+    # The torch backend reads any float dtypes as fp32 (fp32 master weights in place) and
+    # multiplies in bf16 where the CPU does so natively (fastft._precision).
+    matmul_precision = loss_matmul_precision(autocast_to or hidden.dtype, hidden.device) if chosen == "torch" else "ieee"
     tracking = torch.is_grad_enabled()
     grad_mask = [tracking and hidden.requires_grad, tracking and weight.requires_grad,
                  tracking and bias is not None and bias.requires_grad]
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1)
     loss = _linear_cross_entropy_op(hidden2d, weight, bias, labels1d, int(ignore_index), reduction,
-                                    float(label_smoothing), chosen, grad_mask)[0]
+                                    float(label_smoothing), chosen, grad_mask, matmul_precision)[0]
     return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+def _cast_all(tensors, dtype):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)

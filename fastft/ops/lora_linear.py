@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft._dispatch import choose_backend
+from fastft._precision import autocast_dtype, autocast_off
 from fastft.kernels._common import dropout_params, triton_reasons
 from fastft.ops import lora_linear_cuda
 
@@ -235,26 +236,35 @@ def _grad_input_torch(grad, weight, weight_scale, grad_xa, lora_a, scale, dropou
     return grad_x
 
 
+def _accumulate_(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``total += a @ b`` into an fp32 ``total`` (16-bit chunk products are added in fp32,
+    so the sum over chunks loses nothing to 16-bit rounding)."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    else:
+        total += (a @ b).float()
+
+
 def _grad_a_torch(grad_xa, x, dropout_p, seed):
-    """dA = gbᵀ (x∘mask): (r, K) (unscaled)."""
+    """dA = gbᵀ (x∘mask): (r, K) (unscaled), in x's dtype (accumulated in fp32 over chunks)."""
     if dropout_p == 0.0:
         return grad_xa.T @ x
-    grad_a = x.new_zeros(grad_xa.shape[1], x.shape[1])
+    grad_a = x.new_zeros(grad_xa.shape[1], x.shape[1], dtype=torch.float32)
     for start, end, keep in _keep_chunks(*x.shape, dropout_p, seed, x.device):
-        grad_a.addmm_(grad_xa[start:end].T, x[start:end] * keep)
-    return grad_a
+        _accumulate_(grad_a, grad_xa[start:end].T, x[start:end] * keep)
+    return grad_a.to(x.dtype)
 
 
 def _masked_grads_torch(grad, weight, weight_scale, grad_xa, lora_a, x, scale, dropout_p, seed, want_x, want_a):
     """(dx or None, scale · dA or None) with dropout, each chunk's mask computed once for both."""
     grad_x = grad @ _base_weight(weight, weight_scale, grad.dtype) if want_x else None  # (N, K)
-    grad_a = x.new_zeros(lora_a.shape) if want_a else None  # (r, K)
+    grad_a = x.new_zeros(lora_a.shape, dtype=torch.float32) if want_a else None  # (r, K), fp32 over chunks
     for start, end, keep in _keep_chunks(*x.shape, dropout_p, seed, x.device):
         if want_a:
-            grad_a.addmm_(grad_xa[start:end].T, x[start:end] * keep)
+            _accumulate_(grad_a, grad_xa[start:end].T, x[start:end] * keep)
         if want_x:
             grad_x[start:end].add_((grad_xa[start:end] @ lora_a).mul_(keep), alpha=scale)
-    return grad_x, (grad_a.mul_(scale) if want_a else None)
+    return grad_x, (grad_a.mul_(scale).to(x.dtype) if want_a else None)
 
 
 class _TorchBackend:
@@ -323,8 +333,9 @@ def _lora_linear_op(
     impl = _backend_impl(backend)
     if x.shape[0] == 0:
         return x.new_empty(0, weight.shape[0]), x.new_empty(0, lora_a.shape[0])
-    xa = impl.down(x, lora_a, dropout_p, seed)  # (N, r)
-    y = impl.up(x, weight, weight_scale, bias, xa, lora_b, scale)  # (N, O)
+    with autocast_off(x.device.type):  # the inputs already carry the compute dtype (lora_linear)
+        xa = impl.down(x, lora_a, dropout_p, seed)  # (N, r)
+        y = impl.up(x, weight, weight_scale, bias, xa, lora_b, scale)  # (N, O)
     return y, xa
 
 
@@ -350,6 +361,13 @@ def _lora_linear_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dW, db, dA, dB); an empty tensor stands for a gradient not asked for
     (grad_mask order: x, weight, bias, lora_a, lora_b)."""
+    with autocast_off(x.device.type):  # a backward run inside the caller's autocast block
+        return _lora_linear_backward(grad, x, weight, weight_scale, lora_a, lora_b, xa, scaling, dropout_p, seed,
+                                     backend, grad_mask)
+
+
+def _lora_linear_backward(grad, x, weight, weight_scale, lora_a, lora_b, xa, scaling, dropout_p, seed, backend,
+                          grad_mask):
     want_x, want_weight, want_bias, want_a, want_b = grad_mask
     scale = scaling / (1.0 - dropout_p)
     impl = _backend_impl(backend)
@@ -480,6 +498,19 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight_scale)
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+def _autocast_inputs(x, weight, bias, lora_a, lora_b):
+    """Under autocast on x's device: the float inputs cast to the autocast dtype, as
+    ``F.linear`` casts its own; unchanged otherwise (and for an int8 weight)."""
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None:
+        return x, weight, bias, lora_a, lora_b
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return cast(x), cast(weight), cast(bias), cast(lora_a), cast(lora_b)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -523,6 +554,11 @@ def lora_linear(
         ``(..., out_features)`` in ``x``'s dtype. Gradients flow to ``x``, ``lora_a``,
         ``lora_b``, and to ``weight`` / ``bias`` when they require grad.
 
+    Under ``torch.autocast`` it behaves as ``nn.Linear`` does there: the float inputs
+    (``x``, a float ``weight``, ``bias``, ``lora_a``, ``lora_b``) are cast to the autocast
+    dtype, the result has that dtype, and gradients reach fp32 master weights in fp32 (an
+    int8 weight and its ``weight_scale`` stay as they are).
+
     Raises:
         TypeError: non-tensor inputs, non-float ``x``, dtypes that do not match ``x``,
             non-number ``scaling``.
@@ -531,6 +567,8 @@ def lora_linear(
             ``weight_scale`` (or scales with a float weight), mixed devices, ``dropout_p``
             outside ``[0, 1)``, or a backend that cannot run these inputs (with its reasons).
     """
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        x, weight, bias, lora_a, lora_b = _autocast_inputs(x, weight, bias, lora_a, lora_b)
     _validate(x, weight, bias, lora_a, lora_b, scaling, dropout_p, weight_scale)
     dropout_p = float(dropout_p)
     if dropout_p == 0.0:

@@ -49,7 +49,7 @@ __all__ = [
     "run_record",
 ]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 FSDP_DTYPES = (None, "fp32", "bf16", "fp16")
 
@@ -222,7 +222,9 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_steps: int | None = None  # None: run `epochs` epochs
     epochs: int = 1
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler)
+    # "fp32" | "bf16" (autocast) | "fp16" (autocast + GradScaler; GPUs only) | "auto" (bf16 on a GPU
+    # with bf16 and on a CPU with native bf16 -- AMX / AVX512-BF16 --, else fp32; train/runtime.py)
+    precision: str = "fp32"
     gradient_checkpointing: bool = False
     fused: bool = True  # apply fastft.patch (fused attention / loss kernels)
     # CPU runs only: nn.Dropout draws its masks from a faster generator (fastft/nn/dropout.py),

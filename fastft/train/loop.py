@@ -61,7 +61,7 @@ from fastft.train.metrics import MetricsLog, plot_curves
 from fastft.train.objectives import Objective, get_objective
 from fastft.train.optim import build_optimizer
 from fastft.train.output_dir import claim_output_dir
-from fastft.train.runtime import autocast, maybe_patch, seed_everything
+from fastft.train.runtime import autocast, maybe_patch, seed_everything, with_precision_resolved
 from fastft.train.schedules import build_scheduler, warmup_steps_for
 
 __all__ = ["TrainState", "accumulate_gradients", "train"]
@@ -140,7 +140,7 @@ def train(
         RuntimeError: (distributed) a collective failed or timed out because another
             rank died or hung; the message names this rank and the last checkpoint.
     """
-    config = config or TrainConfig()
+    config = with_precision_resolved(config or TrainConfig())  # precision="auto" -> bf16 / fp32 here, printed
     if len(train_data) == 0:
         raise ValueError("train_data is empty")
     state = _set_up(model, get_objective(objective), len(train_data), config, param_groups, callbacks, collator)
