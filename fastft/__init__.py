@@ -10,6 +10,10 @@ __version__ = "0.1.0"
 
 from fastft import ops  # noqa: E402
 from fastft.ops import attention, linear_cross_entropy, lora_linear  # noqa: E402
+from fastft import _transformers_hook  # noqa: E402
+
+# attn_implementation="fastft" as soon as transformers' registries load (imports nothing now).
+_transformers_hook.install()
 
 # Heavier entry points (they import transformers / datasets) load on first use:
 # name -> (module, attribute of it; None: the module itself).
@@ -18,11 +22,11 @@ _LAZY = {
     "unpatch": ("fastft.models", "unpatch"),
     "pretrain": ("fastft.recipes.pretrain", "pretrain"),
     "finetune": ("fastft.recipes.finetune", "finetune"),
+    "align": ("fastft.recipes.align", "align"),
     "evaluate": ("fastft.train.evaluation", "evaluate"),
     "predict": ("fastft.finetuning.bundle", "predict"),
     "load_finetuned": ("fastft.finetuning.bundle", "load_finetuned"),
     "save_finetuned": ("fastft.finetuning.bundle", "save_finetuned"),
-    "align": ("fastft.recipes.align", "align"),
     "peft": ("fastft.peft", None),
     "nn": ("fastft.nn", None),
     "active": ("fastft.active", None),

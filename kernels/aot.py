@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import itertools
 import json
 import os
 import re
@@ -180,18 +181,28 @@ def _loss_specimens():
 def _attention_specimens():
     from fastft.kernels import attention
 
-    # GQA, causal, a padding mask and dropout: every feature of the kernels at once.
-    for head_dim in (64, 128, 256):
+    # The kernels prune configs per feature class (kernels/attention.py: ``fits`` and
+    # ``fits_extra``), so each class compiles with its largest register footprint:
+    #   base:  GQA, causal, a padding mask, dropout, the lse's gradient;
+    #   extra: the same with a window bounded on both sides, bottom-right alignment,
+    #          softcap and ALiBi slopes per batch element (any of the first, softcap or
+    #          ALiBi makes a call this class).
+    # head_dim 96 is split 64 + 32 (the largest split; 80 = 64 + 16, 48 = 32 + 16 are smaller).
+    for head_dim, extra in itertools.product((64, 96, 128, 256), (False, True)):
         batch, heads_q, heads_kv, seq = 2, 8, 2, 1000
 
-        def run(head_dim=head_dim):
+        def run(head_dim=head_dim, extra=extra):
             q = _meta(batch, heads_q, seq, head_dim)
             k = v = _meta(batch, heads_kv, seq, head_dim)
-            mask = _meta(batch, seq, dtype=torch.bool)
-            out, lse = attention.attention_forward(q, k, v, mask, None, None, True, head_dim**-0.5, 0.1, 1234)
-            attention.attention_backward(torch.empty_like(out), q, k, v, out, lse, mask, None, None, True,
-                                         head_dim**-0.5, 0.1, 1234)
-        yield f"attention d{head_dim}", run
+            options = dict(key_padding_mask=_meta(batch, seq, dtype=torch.bool), window=(-1, 0),
+                           softmax_scale=head_dim**-0.5, dropout_p=0.1, seed=1234)
+            if extra:
+                options.update(window=(255, 31), bottom_right=True, softcap=30.0,
+                               alibi_slopes=_meta(batch, heads_q, dtype=torch.float32))
+            out, lse = attention.attention_forward(q, k, v, **options)
+            attention.attention_backward(torch.empty_like(out), q, k, v, out, lse, grad_lse=torch.empty_like(lse),
+                                         **options)
+        yield f"attention d{head_dim}{' window+softcap+alibi' if extra else ''}", run
 
 
 def _lora_specimens():

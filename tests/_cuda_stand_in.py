@@ -216,12 +216,19 @@ def _attention_tensors(kw, names, heads, seqlen):
     return [view(kw[name], dtype, (batch, heads, seqlen, head_dim), (*kw[f"{name}_strides"], 1)) for name in names]
 
 
-def _attention_math(q, k, v, mask, causal, scale):
-    """fp32 out and lse of csrc/attention (top-left causal, no-key rows: out 0, lse -inf)."""
+def _attention_window(kw):
+    """(window, causal_alignment) attention_ref takes for the kernels' window arguments."""
+    return (kw["window_left"], kw["window_right"]), ("bottom-right" if kw["bottom_right"] else "top-left")
+
+
+def _attention_math(q, k, v, mask, kw):
+    """fp32 out and lse of csrc/attention (window, alignment, softcap; no-key rows: out 0, lse -inf)."""
     from fastft.ops.attention import attention_ref
 
-    return attention_ref(q.float(), k.float(), v.float(), causal=causal, key_padding_mask=mask,
-                         softmax_scale=scale, return_lse=True)
+    window, alignment = _attention_window(kw)
+    return attention_ref(q.float(), k.float(), v.float(), window=window, causal_alignment=alignment,
+                         softcap=kw["softcap"], key_padding_mask=mask, softmax_scale=kw["softmax_scale"],
+                         return_lse=True)
 
 
 def _attention_forward(**kw):
@@ -229,7 +236,7 @@ def _attention_forward(**kw):
     k, v = _attention_tensors(kw, ["k", "v"], kw["heads_kv"], kw["seqlen_k"])
     out, = _attention_tensors(kw, ["out"], kw["heads_q"], kw["seqlen_q"])
     mask = _key_mask(kw["key_padding_mask"], kw["mask_batch_stride"], kw["batch"], kw["seqlen_k"])
-    result, lse = _attention_math(q, k, v, mask, kw["causal"], kw["softmax_scale"])
+    result, lse = _attention_math(q, k, v, mask, kw)
     out.copy_(result)
     shape = (kw["batch"], kw["heads_q"], kw["seqlen_q"])
     view(kw["lse"], torch.float32, shape, contiguous_strides(shape)).copy_(lse)
@@ -243,21 +250,30 @@ def _attention_backward(**kw):
     k, v, grad_k, grad_v = _attention_tensors(kw, ["k", "v", "grad_k", "grad_v"], heads_kv, seqlen_k)
     mask = _key_mask(kw["key_padding_mask"], kw["mask_batch_stride"], batch, seqlen_k)
     rows = (batch, heads_q, seqlen_q)
-    view(kw["delta"], torch.float32, rows, contiguous_strides(rows)).copy_(
-        (grad_out.float() * out.float()).sum(-1))
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if kw["grad_lse"]:  # the kernel's delta less the lse's gradient (contiguous (B, Hq, Sq))
+        delta = delta - view(kw["grad_lse"], torch.float32, rows, contiguous_strides(rows))
+    view(kw["delta"], torch.float32, rows, contiguous_strides(rows)).copy_(delta)
     # The FlashAttention backward written out (no autograd: custom ops run below it).
-    scale, group = kw["softmax_scale"], heads_q // heads_kv
+    scale, softcap, group = kw["softmax_scale"], kw["softcap"], heads_q // heads_kv
     q32, do32 = q.float(), grad_out.float()
     k32, v32 = (t.float().repeat_interleave(group, dim=1) for t in (k, v))  # (B, Hq, Sk, D)
-    _, lse = _attention_math(q, k, v, mask, kw["causal"], scale)
-    probs = torch.exp(scale * q32 @ k32.transpose(-1, -2) - lse[..., None])  # 0 where masked, no-key rows
-    allowed = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
-    if kw["causal"]:
-        allowed = allowed.tril()
+    _, lse = _attention_math(q, k, v, mask, kw)
+    scores = scale * q32 @ k32.transpose(-1, -2)
+    tanh = torch.tanh(scores / softcap) if softcap else None
+    if softcap:
+        scores = softcap * tanh
+    probs = torch.exp(scores - lse[..., None])  # 0 where masked, no-key rows
+    (left, right), _ = _attention_window(kw)
+    diagonal = torch.arange(seqlen_q)[:, None] + (seqlen_k - seqlen_q if kw["bottom_right"] else 0)
+    key = torch.arange(seqlen_k)[None, :]
+    allowed = ((right < 0) | (key <= diagonal + right)) & ((left < 0) | (key >= diagonal - left))
     allowed = allowed[None, None] if mask is None else allowed[None, None] & mask[:, None, None, :]
     probs = torch.where(allowed, probs, 0.0)
     grad_probs = do32 @ v32.transpose(-1, -2)
-    grad_scores = probs * (grad_probs - (do32 * out.float()).sum(-1, keepdim=True))
+    grad_scores = probs * (grad_probs - delta[..., None])
+    if softcap:
+        grad_scores = grad_scores * (1 - tanh * tanh)
     dq = scale * grad_scores @ k32
     dk = (scale * grad_scores.transpose(-1, -2) @ q32).unflatten(1, (heads_kv, group)).sum(2)
     dv = (probs.transpose(-1, -2) @ do32).unflatten(1, (heads_kv, group)).sum(2)

@@ -21,6 +21,7 @@ __all__ = [
     "bert_config",
     "distilbert_config",
     "electra_config",
+    "gemma2_config",
     "gpt2_config",
     "llama_config",
     "mistral_config",
@@ -99,6 +100,21 @@ def mistral_config(vocab_size: int, hidden_size: int = 32, num_hidden_layers: in
     if num_key_value_heads is None:
         num_key_value_heads = num_attention_heads  # MistralConfig's own default is 8, whatever the query heads
     return _decoder_config(transformers.MistralConfig, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
+                           num_key_value_heads, intermediate_size, max_position_embeddings, dropout, extra)
+
+
+def gemma2_config(vocab_size: int, hidden_size: int = 32, num_hidden_layers: int = 2, num_attention_heads: int = 2,
+                  num_key_value_heads: int | None = None, intermediate_size: int = 64, max_position_embeddings: int = 64,
+                  dropout: float = 0.0, **extra) -> transformers.Gemma2Config:
+    """``Gemma2Config`` (Llama's arguments; ``head_dim`` defaults to ``hidden_size //
+    num_attention_heads`` and ``query_pre_attn_scalar`` to that head_dim, where the family's
+    own defaults are 256; ``sliding_window=``, ``attn_logit_softcapping=`` and
+    ``layer_types=`` through ``extra``)."""
+    if num_key_value_heads is None:
+        num_key_value_heads = num_attention_heads
+    extra.setdefault("head_dim", hidden_size // num_attention_heads)
+    extra.setdefault("query_pre_attn_scalar", extra["head_dim"])
+    return _decoder_config(transformers.Gemma2Config, vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
                            num_key_value_heads, intermediate_size, max_position_embeddings, dropout, extra)
 
 

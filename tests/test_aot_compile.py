@@ -90,14 +90,35 @@ def test_attention_configs_fit_the_head_dim(monkeypatch):
     from fastft.kernels import _autotune
     from fastft.kernels import attention as kernels
 
-    big = _autotune.config({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2, archs=(90,), fits={90: 128})
-    small = _autotune.config({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2, fits={80: 256, 90: 256})
+    big = _autotune.config({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 2, archs=(90,), fits={90: (64, 128)},
+                           fits_extra={90: (64,)})
+    small = _autotune.config({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 2, fits={80: (64, 96, 128, 256), 90: (64, 96, 128, 256)},
+                             fits_extra={80: (64, 96, 128, 256), 90: (64, 96, 128, 256)})
+
+    def prune(main, tail=0, **flags):
+        return kernels._prune_for_head_dim([big, small], {"HEAD_DIM_MAIN": main, "HEAD_DIM_TAIL": tail, **flags})
+
     monkeypatch.delenv("FASTFT_TRITON_CONFIGS", raising=False)
     monkeypatch.setattr(kernels, "target_family", lambda: 90)
-    assert kernels._prune_for_head_dim([big, small], {"HEAD_DIM_PAD": 64}) == [big, small]
-    assert kernels._prune_for_head_dim([big, small], {"HEAD_DIM_PAD": 256}) == [small]
+    assert prune(64) == [big, small] and prune(16) == [big, small]  # head_dim <= 64: class 64
+    assert prune(256) == [small]
+    assert prune(64, 32) == [small]  # head_dim 96 (split): listed for 96 only
+    assert prune(128) == [big, small] and prune(128, HAS_SOFTCAP=True) == [small]  # the extra feature class
+    assert prune(64, WINDOW_LEFT=True) == [big, small] and prune(64, HAS_ALIBI=True) == [big, small]
     monkeypatch.setattr(kernels, "target_family", lambda: 80)
-    assert kernels._prune_for_head_dim([big, small], {"HEAD_DIM_PAD": 16}) == [small]
+    assert prune(16) == [small]
     monkeypatch.setenv("FASTFT_TRITON_CONFIGS", "first")
     monkeypatch.setattr(kernels, "target_family", lambda: 90)
-    assert kernels._prune_for_head_dim([big, small], {"HEAD_DIM_PAD": 128}) == [big]
+    assert prune(128) == [big]
+
+
+def test_attention_config_tables_cover_every_class():
+    """On each architecture, every head-dim class and feature class has a config listed
+    (else the last config would run unchecked)."""
+    from fastft.kernels import attention as kernels
+
+    for configs in (kernels.FWD_CONFIGS, kernels.BWD_KV_CONFIGS, kernels.BWD_Q_CONFIGS):
+        for arch in (80, 90):
+            for tag in ("fits", "fits_extra"):
+                covered = {c for config in configs for c in getattr(config, tag).get(arch, ())}
+                assert covered == set(kernels.HEAD_DIM_CLASSES), (configs[0].kwargs, arch, tag, covered)

@@ -11,6 +11,7 @@ fastft/ops/attention_cuda.py) are also tested directly, log-sum-exp included (ma
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -24,7 +25,7 @@ from _tolerance import assert_tolerance_rule
 
 from fastft import _extension
 from fastft.kernels._common import attention_dropout_threshold
-from fastft.kernels.attention import _keep_mask
+from fastft.kernels.attention import _keep_mask, _key_range, _query_range, head_dim_blocks
 from fastft.ops import attention_cuda
 from fastft.ops.attention import (
     attention,
@@ -72,9 +73,18 @@ def forward_backward(fn, tensors, grad_out):
     return [out, *grads]
 
 
-def check_against_reference(backend, qkv, dtype, *, dropout_seed=None, dropout_p=0.0, **kwargs):
+def forward_backward_lse(fn, tensors, grad_out, grad_lse):
+    """``fn`` returns (out, lse): both, then dq, dk, dv with an upstream gradient for each."""
+    out, lse = fn(*tensors)
+    grads = torch.autograd.grad([out, lse], tensors, [grad_out, grad_lse])
+    return [out, lse, *grads]
+
+
+def check_against_reference(backend, qkv, dtype, *, dropout_seed=None, dropout_p=0.0, with_lse=False, **kwargs):
     """Run ``attention`` with ``backend`` and compare output and dq, dk, dv with the fp32 and
-    same-dtype references. With dropout, the references get the mask replayed explicitly."""
+    same-dtype references. With dropout, the references get the mask replayed explicitly.
+    With ``with_lse``, the call returns the lse too: it is compared as well, and a random
+    upstream gradient flows back through it into dq and dk."""
     grad_out = torch.randn_like(qkv[0])
     generator = None
     mask = None
@@ -83,19 +93,34 @@ def check_against_reference(backend, qkv, dtype, *, dropout_seed=None, dropout_p
         seed = int(draw_dropout_seed(torch.Generator().manual_seed(dropout_seed)))
         q, k = qkv[0], qkv[1]
         mask_fn = torch_dropout_mask if backend == "torch" else attention_dropout_mask
-        if kwargs.get("cu_seqlens") is not None:
-            mask = varlen_dropout_mask(seed, kwargs["cu_seqlens"], q.shape[1], dropout_p, mask_fn)
+        cu_q = kwargs.get("cu_seqlens", kwargs.get("cu_seqlens_q"))
+        if cu_q is not None:
+            mask = varlen_dropout_mask(seed, cu_q, q.shape[1], dropout_p, mask_fn, kwargs.get("cu_seqlens_k"))
         else:
             mask = mask_fn(seed, q.shape[0], q.shape[1], q.shape[2], k.shape[2], dropout_p, q.device)
-    fast = forward_backward(
-        lambda q, k, v: attention(q, k, v, backend=backend, dropout_p=dropout_p, generator=generator, **kwargs),
-        qkv, grad_out)
     ref_kwargs = dict(kwargs, dropout_mask=mask, dropout_p=dropout_p)
-    ref_kwargs.pop("max_seqlen", None)
+    for name in ("max_seqlen", "max_seqlen_q", "max_seqlen_k"):
+        ref_kwargs.pop(name, None)
     qkv32 = [t.detach().float().requires_grad_() for t in qkv]
-    ref32 = forward_backward(lambda q, k, v: attention_ref(q, k, v, **ref_kwargs), qkv32, grad_out.float())
-    plain = forward_backward(lambda q, k, v: attention_ref(q, k, v, upcast=False, **ref_kwargs), qkv, grad_out)
-    for name, f, r, p in zip(("out", "dq", "dk", "dv"), fast, ref32, plain):
+    names = ("out", "dq", "dk", "dv")
+    if with_lse:
+        _, lse = attention_ref(*qkv32, return_lse=True, **ref_kwargs)
+        grad_lse = torch.randn_like(lse).masked_fill(lse.isinf(), 0.0)  # rows with no key: lse -inf, no gradient
+        fast = forward_backward_lse(
+            lambda q, k, v: attention(q, k, v, backend=backend, dropout_p=dropout_p, generator=generator,
+                                      return_lse=True, **kwargs), qkv, grad_out, grad_lse)
+        ref32 = forward_backward_lse(lambda q, k, v: attention_ref(q, k, v, return_lse=True, **ref_kwargs), qkv32,
+                                     grad_out.float(), grad_lse)
+        plain = forward_backward_lse(lambda q, k, v: attention_ref(q, k, v, upcast=False, return_lse=True,
+                                                                   **ref_kwargs), qkv, grad_out, grad_lse)
+        names = ("out", "lse", "dq", "dk", "dv")
+    else:
+        fast = forward_backward(
+            lambda q, k, v: attention(q, k, v, backend=backend, dropout_p=dropout_p, generator=generator, **kwargs),
+            qkv, grad_out)
+        ref32 = forward_backward(lambda q, k, v: attention_ref(q, k, v, **ref_kwargs), qkv32, grad_out.float())
+        plain = forward_backward(lambda q, k, v: attention_ref(q, k, v, upcast=False, **ref_kwargs), qkv, grad_out)
+    for name, f, r, p in zip(names, fast, ref32, plain):
         assert_tolerance_rule(name, f, r, p, atol=ATOL[dtype])
     return fast
 
@@ -370,6 +395,241 @@ def test_triton_dropout(varlen):
     check_against_reference("triton", qkv, torch.float16, dropout_p=0.3, dropout_seed=21, **kwargs)
 
 
+# --------------------------------------------------------------------------- windows, alignment, softcap, ALiBi, lse
+# Every option against the reference, outputs and every gradient (and the lse with a
+# gradient through it where asked): causal in both alignments, sliding windows on one or
+# both sides, soft-capping, ALiBi slopes per head or per batch element, and all of them at
+# once, on odd sizes, rows with no key included (bottom-right with seq_q > seq_k).
+
+SLOPES = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+
+
+def option_case(shape, padded=False, per_batch_slopes=False, **kwargs):
+    """(shape, kwargs) with a padding mask / ALiBi slopes built for the shape."""
+    batch, heads_q = shape[0], shape[1]
+    if padded:
+        kwargs["key_padding_mask"] = torch.rand(batch, shape[4]) > 0.3
+    if kwargs.pop("alibi", False):
+        slopes = SLOPES[:heads_q].repeat((heads_q + 3) // 4)[:heads_q]
+        kwargs["alibi_slopes"] = (slopes[None] * torch.rand(batch, 1) * 2) if per_batch_slopes else slopes
+    return shape, kwargs
+
+
+OPTION_CASES = {  # name -> ((batch, heads_q, heads_kv, seq_q, seq_k, head_dim), attention kwargs)
+    "causal bottom-right, seq_q < seq_k": dict(shape=(2, 4, 2, 7, 33, 16), causal=True,
+                                               causal_alignment="bottom-right"),
+    "causal bottom-right, seq_q > seq_k": dict(shape=(2, 2, 1, 40, 9, 24), causal=True,
+                                               causal_alignment="bottom-right", padded=True),
+    "sliding window, causal": dict(shape=(1, 4, 2, 113, 113, 64), causal=True, window=(7, -1)),
+    "window on both sides": dict(shape=(2, 2, 2, 70, 33, 32), window=(3, 5)),
+    "window, right only": dict(shape=(1, 2, 2, 1, 7, 16), window=(-1, 2)),
+    "window bottom-right + padding": dict(shape=(2, 2, 1, 33, 70, 16), causal=True, window=(20, -1),
+                                          causal_alignment="bottom-right", padded=True),
+    "softcap": dict(shape=(2, 3, 3, 7, 7, 16), softcap=2.0),
+    "softcap causal padded": dict(shape=(2, 4, 2, 33, 40, 80), softcap=1.5, causal=True, padded=True),
+    "alibi per head": dict(shape=(2, 4, 2, 33, 40, 32), alibi=True, causal=True),
+    "alibi per batch, bidirectional": dict(shape=(2, 4, 4, 20, 17, 16), alibi=True, per_batch_slopes=True),
+    "everything": dict(shape=(2, 4, 2, 37, 50, 96), causal=True, window=(9, -1), causal_alignment="bottom-right",
+                       softcap=3.0, alibi=True, padded=True),
+}
+
+
+def _option_case(name):
+    spec = dict(OPTION_CASES[name])
+    return option_case(spec.pop("shape"), **spec)
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["out", "lse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(OPTION_CASES))
+def test_torch_backend_options(name, dtype, with_lse):
+    shape, kwargs = _option_case(name)
+    check_against_reference("torch", make_qkv(*shape, dtype), dtype, with_lse=with_lse, **kwargs)
+
+
+TRITON_OPTION_CASES = [  # (name, dtype, with_lse): the interpreter is slow, so a selection
+    ("causal bottom-right, seq_q > seq_k", torch.float32, True),
+    ("sliding window, causal", torch.float16, False),
+    ("window on both sides", torch.float32, False),
+    ("window bottom-right + padding", torch.float16, True),
+    ("softcap causal padded", torch.float32, False),
+    ("alibi per batch, bidirectional", torch.float32, False),
+    ("everything", torch.float16, True),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name,dtype,with_lse", TRITON_OPTION_CASES, ids=[c[0] for c in TRITON_OPTION_CASES])
+def test_triton_options(name, dtype, with_lse):
+    shape, kwargs = _option_case(name)
+    dtype = triton_dtype(dtype)
+    kwargs = {k: (v.to(TRITON_DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    check_against_reference("triton", make_qkv(*shape, dtype, TRITON_DEVICE), dtype, with_lse=with_lse, **kwargs)
+
+
+def _packed_case(device="cpu"):
+    """Queries and keys packed with their own offsets: documents with more queries than
+    keys, fewer, none, and keys but no query."""
+    lengths_q, lengths_k = [5, 0, 17, 3, 9], [8, 4, 11, 0, 30]
+    q = torch.randn(sum(lengths_q), 4, 32, device=device)
+    k, v = (torch.randn(sum(lengths_k), 2, 32, device=device) for _ in range(2))
+    return [t.requires_grad_() for t in (q, k, v)], cu_seqlens_of(lengths_q, device), cu_seqlens_of(lengths_k, device)
+
+
+PACKED_OPTIONS = {
+    "causal bottom-right": dict(causal=True, causal_alignment="bottom-right"),
+    "window, softcap, alibi": dict(window=(3, 2), softcap=2.0, alibi_slopes=torch.rand(5, 4)),
+    "causal top-left, dropout": dict(causal=True, dropout_p=0.3, dropout_seed=4),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+@pytest.mark.parametrize("name", list(PACKED_OPTIONS))
+def test_separate_query_and_key_packing(backend, name):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    qkv, cu_q, cu_k = _packed_case(device)
+    kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in PACKED_OPTIONS[name].items()}
+    check_against_reference(backend, qkv, torch.float32, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=17,
+                            with_lse=True, **kwargs)
+
+
+def test_separate_packing_is_cu_seqlens_when_equal():
+    lengths = [6, 0, 11]
+    qkv = [t.detach() for t in make_qkv(0, 2, 1, 0, 0, 16, torch.float32, lengths=lengths)]
+    cu = cu_seqlens_of(lengths)
+    same = attention(*qkv, causal=True, window=(2, -1), cu_seqlens=cu)
+    torch.testing.assert_close(attention(*qkv, causal=True, window=(2, -1), cu_seqlens_q=cu, cu_seqlens_k=cu.clone()),
+                               same, atol=0, rtol=0)
+
+
+def test_alignments_agree_when_lengths_are_equal_and_match_sdpa():
+    q, k, v = (t.detach() for t in make_qkv(2, 2, 2, 9, 9, 16, torch.float32))
+    top = attention(q, k, v, causal=True)
+    torch.testing.assert_close(attention(q, k, v, causal=True, causal_alignment="bottom-right"), top, atol=0, rtol=0)
+    # Bottom-right with seq_q < seq_k: SDPA's top-left mask shifted by seq_k - seq_q.
+    q = q[:, :, :4]
+    shift = 9 - 4
+    mask = torch.ones(4, 9, dtype=torch.bool).tril(diagonal=shift)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attention(q, k, v, causal=True, causal_alignment="bottom-right"), expected,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_lse_merges_attention_over_key_chunks():
+    """What the lse is for: attention over all keys from attention over two key chunks,
+    ``out = Σ_c exp(lse_c - lse) out_c`` with ``lse = logsumexp_c lse_c`` (ring / context
+    parallelism, split-KV decoding), gradients included."""
+    q, k, v = make_qkv(2, 4, 2, 9, 20, 16, torch.float32)
+    full, full_lse = attention(q, k, v, return_lse=True)
+    parts = [attention(q, k[:, :, s], v[:, :, s], return_lse=True) for s in (slice(0, 7), slice(7, 20))]
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
+    merged = sum(torch.exp(p[1] - lse)[..., None] * p[0] for p in parts)
+    torch.testing.assert_close(merged, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(full)
+    expected = torch.autograd.grad(full, (q, k, v), grad_out)
+    for got, want in zip(torch.autograd.grad(merged, (q, k, v), grad_out), expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- tiles outside the window are skipped
+
+
+@triton.jit
+def _ranges_kernel(KeyRange, QueryRange, seq_q, seq_k, shift, window_left, window_right, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, WINDOW_LEFT: tl.constexpr, WINDOW_RIGHT: tl.constexpr):
+    """Stores the kernels' [lo, hi) loop bounds for every query block and key block."""
+    block = tl.program_id(0)
+    lo, hi = _key_range(block, shift, seq_q, seq_k, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT,
+                        WINDOW_RIGHT)
+    tl.store(KeyRange + 2 * block, lo)
+    tl.store(KeyRange + 2 * block + 1, hi)
+    lo, hi = _query_range(block, shift, seq_q, seq_k, window_left, window_right, BLOCK_M, BLOCK_N, WINDOW_LEFT,
+                          WINDOW_RIGHT)
+    tl.store(QueryRange + 2 * block, lo)
+    tl.store(QueryRange + 2 * block + 1, hi)
+
+
+@pytest.mark.interpret
+def test_triton_loop_bounds_visit_exactly_the_tiles_in_the_window():
+    """The Triton kernels' key range per query block (forward, dQ) and query range per key
+    block (dK/dV): every allowed (query, key) pair inside, no tile without one."""
+    for (seq_q, seq_k), (left, right), bottom_right, (block_m, block_n) in itertools.product(
+            [(7, 7), (33, 70), (70, 33), (5, 130)], [(-1, 0), (4, 0), (17, 3), (3, -1), (-1, 5), (0, 0)],
+            [False, True], [(16, 32), (32, 16)]):
+        shift = seq_k - seq_q if bottom_right else 0
+        allowed = [(i, j) for i in range(seq_q) for j in range(seq_k)
+                   if (right < 0 or j <= i + shift + right) and (left < 0 or j >= i + shift - left)]
+        blocks = max(triton.cdiv(seq_q, block_m), triton.cdiv(seq_k, block_n))
+        key_range = torch.zeros(blocks, 2, dtype=torch.int32, device=TRITON_DEVICE)
+        query_range = torch.zeros(blocks, 2, dtype=torch.int32, device=TRITON_DEVICE)
+        _ranges_kernel[(blocks,)](key_range, query_range, seq_q, seq_k, shift, max(left, 0), max(right, 0),
+                                  BLOCK_M=block_m, BLOCK_N=block_n, WINDOW_LEFT=left >= 0, WINDOW_RIGHT=right >= 0)
+        where = (seq_q, seq_k, left, right, bottom_right, block_m, block_n)
+        for block in range(triton.cdiv(seq_q, block_m)):
+            lo, hi = key_range[block].tolist()
+            visited = set(range(lo // block_n, triton.cdiv(hi, block_n))) if hi > lo else set()
+            assert lo % block_n == 0 or lo >= hi, where
+            assert visited == {j // block_n for i, j in allowed if i // block_m == block}, (where, block)
+        for block in range(triton.cdiv(seq_k, block_n)):
+            lo, hi = query_range[block].tolist()
+            visited = set(range(lo // block_m, triton.cdiv(hi, block_m))) if hi > lo else set()
+            assert lo % block_m == 0 or lo >= hi, where
+            assert visited == {i // block_m for i, j in allowed if j // block_n == block}, (where, block)
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the poison, where it is read
+def test_triton_skips_tiles_outside_the_window():
+    """Keys far outside every window of a query block are never read: with them and their
+    values set to NaN, those queries' outputs and dq are finite and bit-identical to a clean
+    run (a masked-but-loaded tile would give NaN through 0 · NaN in P V); likewise dK / dV of
+    keys no poisoned query can see. Holds for any tiles of at most 64 rows / keys."""
+    seq, window = 256, 16
+    q, k, v = (t.detach() for t in make_qkv(1, 2, 1, seq, seq, 16, torch.float32, TRITON_DEVICE))
+    grad_out = torch.randn_like(q)
+
+    def run(q, k, v, grad_out):
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attention(q, k, v, causal=True, window=(window, -1), backend="triton")
+        return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
+
+    def poisoned(t, rows):
+        t = t.clone()
+        t[:, :, rows] = float("nan")
+        return t
+
+    clean = run(q, k, v, grad_out)
+    far_keys = slice(0, 100)  # queries >= 192 sit in blocks whose windows start at key >= 128
+    out, dq, _, _ = run(q, poisoned(k, far_keys), poisoned(v, far_keys), grad_out)
+    assert torch.equal(out[:, :, 192:], clean[0][:, :, 192:]) and torch.equal(dq[:, :, 192:], clean[1][:, :, 192:])
+    far_queries = slice(150, 256)  # keys < 64 are seen by queries < 64 + window + 1 only
+    _, _, dk, dv = run(poisoned(q, far_queries), k, v, poisoned(grad_out, far_queries))
+    assert torch.equal(dk[:, :, :64], clean[2][:, :, :64]) and torch.equal(dv[:, :, :64], clean[3][:, :, :64])
+    assert torch.isnan(dk[:, :, 192:]).all()  # (the poison does reach the keys those queries see)
+
+
+# --------------------------------------------------------------------------- head dim blocks
+
+
+def test_head_dim_blocks():
+    assert {d: head_dim_blocks(d) for d in (8, 16, 24, 48, 64, 65, 72, 80, 81, 96, 97, 112, 128, 192, 256)} == {
+        8: (16, 0), 16: (16, 0), 24: (32, 0), 48: (64, 0), 64: (64, 0), 65: (64, 16), 72: (64, 16), 80: (64, 16),
+        81: (64, 32), 96: (64, 32), 97: (128, 0), 112: (128, 0), 128: (128, 0), 192: (256, 0), 256: (256, 0)}
+    for head_dim in range(1, 257):  # every split covers the head and does less work than padding
+        main, tail = head_dim_blocks(head_dim)
+        padded = max(16, triton.next_power_of_2(head_dim))
+        assert main + tail >= head_dim and main + tail <= padded and (tail == 0 or main + tail < padded)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("head_dim", [96, 72])
+def test_triton_split_head_dim(head_dim):
+    """head_dim 96 = 64 + 32 and 72 = 64 + 16 (two dot products per product), GQA, causal."""
+    dtype = triton_dtype(torch.float16)
+    check_against_reference("triton", make_qkv(1, 4, 2, 37, 37, head_dim, dtype, TRITON_DEVICE), dtype, causal=True)
+
+
 # --------------------------------------------------------------------------- dispatch, errors
 
 
@@ -413,6 +673,18 @@ BAD_INPUTS = [  # (name, build (q, k, v, kwargs), exception, message)
     ("causal not bool", lambda q, k, v: ((q, k, v), dict(causal=1)), TypeError, "causal"),
     ("max_seqlen without cu_seqlens", lambda q, k, v: ((q, k, v), dict(max_seqlen=4)), ValueError, "max_seqlen"),
     ("unknown backend", lambda q, k, v: ((q, k, v), dict(backend="flash")), ValueError, "backend must be one of"),
+    ("window below -1", lambda q, k, v: ((q, k, v), dict(window=(-2, 0))), ValueError, "window"),
+    ("window not a pair", lambda q, k, v: ((q, k, v), dict(window=4)), ValueError, "window"),
+    ("window of floats", lambda q, k, v: ((q, k, v), dict(window=(1.5, 0))), ValueError, "window"),
+    ("unknown alignment", lambda q, k, v: ((q, k, v), dict(causal=True, causal_alignment="bottom")), ValueError,
+     "causal_alignment"),
+    ("negative softcap", lambda q, k, v: ((q, k, v), dict(softcap=-1.0)), ValueError, "softcap"),
+    ("infinite softcap", lambda q, k, v: ((q, k, v), dict(softcap=math.inf)), ValueError, "softcap"),
+    ("alibi fp16", lambda q, k, v: ((q, k, v), dict(alibi_slopes=torch.ones(4, dtype=torch.float16))), TypeError,
+     "alibi_slopes must be an fp32"),
+    ("alibi shape", lambda q, k, v: ((q, k, v), dict(alibi_slopes=torch.ones(2))), ValueError,
+     r"alibi_slopes must have shape \(heads_q,\)"),
+    ("max_seqlen_q without packing", lambda q, k, v: ((q, k, v), dict(max_seqlen_q=4)), ValueError, "max_seqlen"),
 ]
 
 BAD_VARLEN = [
@@ -428,6 +700,25 @@ BAD_VARLEN = [
      "key_padding_mask cannot be combined"),
     ("max_seqlen too small", dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), max_seqlen=3), ValueError,
      "max_seqlen=3"),
+    ("cu_seqlens and cu_seqlens_q", dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32),
+                                         cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32)), ValueError,
+     "either cu_seqlens or"),
+    ("cu_seqlens_q alone", dict(cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32)), ValueError,
+     "go together"),
+    ("max_seqlen with separate offsets", dict(cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
+                                              cu_seqlens_k=torch.tensor([0, 3, 7], dtype=torch.int32), max_seqlen=4),
+     ValueError, "max_seqlen_q"),
+    ("cu_seqlens_k end", dict(cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
+                              cu_seqlens_k=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError,
+     "cu_seqlens_k must end at total_tokens=7"),
+    ("document counts differ", dict(cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
+                                    cu_seqlens_k=torch.tensor([0, 3, 5, 7], dtype=torch.int32)), ValueError,
+     "same documents"),
+    ("max_seqlen_k too small", dict(cu_seqlens_q=torch.tensor([0, 3, 7], dtype=torch.int32),
+                                    cu_seqlens_k=torch.tensor([0, 2, 7], dtype=torch.int32), max_seqlen_k=4),
+     ValueError, "max_seqlen_k=4"),
+    ("alibi slopes per document", dict(cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32),
+                                       alibi_slopes=torch.ones(3, 4)), ValueError, r"\(batch, heads_q\) = \(2, 4\)"),
 ]
 
 
@@ -458,7 +749,10 @@ def _op_args(backend, dropout):
     q, k, v = (t.detach().requires_grad_() for t in make_qkv(2, 4, 2, 7, 9, 16, dtype, device))
     mask = torch.rand(2, 9, device=device) > 0.2
     seed = draw_dropout_seed() if dropout else None
-    return (q, k, v, mask, None, seed, 0, True, 0.25, 0.2 if dropout else 0.0, backend)
+    # (q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, alibi_slopes, seed, max_seqlen_q, max_seqlen_k,
+    #  window_left, window_right, bottom_right, softcap, softmax_scale, dropout_p, return_lse, backend)
+    return (q, k, v, mask, None, None, None, seed, 0, 0, 3, 0, True, 2.5, 0.25, 0.2 if dropout else 0.0, True,
+            backend)
 
 
 @pytest.mark.parametrize("backend,dropout", [("torch", False), ("torch", True),
@@ -476,19 +770,26 @@ def test_opcheck(backend, dropout):
 def test_opcheck_backward_op():
     from fastft.ops.attention import _attention_backward_op
 
-    q, k, v, mask, cu, seed, max_seqlen, causal, scale, dropout_p, backend = _op_args("torch", True)
+    q, k, v, mask, cu_q, cu_k, slopes, seed, *arguments, return_lse, backend = _op_args("torch", True)
     out = torch.randn_like(q)
-    lse = q.new_empty(0)  # the torch backend keeps no lse
-    args = (torch.randn_like(q), q, k, v, out, lse, mask, cu, seed, max_seqlen, causal, scale, dropout_p, backend)
-    torch.library.opcheck(_attention_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+    lse = q.new_empty(0)  # the torch backend keeps no lse unless asked for it
+    for grad_lse in (None, torch.randn(q.shape[:3])):
+        args = (torch.randn_like(q), grad_lse, q, k, v, out, lse, mask, cu_q, cu_k, slopes, seed, *arguments, backend)
+        torch.library.opcheck(_attention_backward_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_opcheck_varlen():
     from fastft.ops.attention import _attention_op
 
-    lengths = [3, 0, 6]
-    q, k, v = (t.detach().requires_grad_() for t in make_qkv(0, 2, 1, 0, 0, 16, torch.float32, lengths=lengths))
-    torch.library.opcheck(_attention_op, (q, k, v, None, cu_seqlens_of(lengths), None, 6, True, 0.25, 0.0, "torch"))
+    lengths, key_lengths = [3, 0, 6], [5, 2, 4]
+    q = torch.randn(sum(lengths), 2, 16, requires_grad=True)
+    k, v = (torch.randn(sum(key_lengths), 1, 16, requires_grad=True) for _ in range(2))
+    cu = cu_seqlens_of(lengths)
+    for return_lse in (False, True):  # the torch backend's lse is empty unless asked for
+        torch.library.opcheck(_attention_op, (q, q, q, None, cu, cu, None, None, 6, 6, -1, 0, False, 0.0, 0.25, 0.0,
+                                              return_lse, "torch"))
+        torch.library.opcheck(_attention_op, (q, k, v, None, cu, cu_seqlens_of(key_lengths), torch.rand(3, 2), None,
+                                              6, 5, 2, -1, True, 1.5, 0.25, 0.0, return_lse, "torch"))
 
 
 @pytest.mark.parametrize("backend,varlen,dropout", [
@@ -553,8 +854,31 @@ def test_gpu_backends_match_reference(backend, dtype, shape, causal, padded):
     check_against_reference(backend, qkv, dtype, causal=causal, key_padding_mask=mask)
 
 
+GPU_OPTIONS = {  # the GPU grid: windows of many tiles, both alignments, softcap, ALiBi, lse
+    "sliding window 256": dict(causal=True, window=(255, -1)),
+    "bottom-right, seq_q < seq_k": dict(causal=True, causal_alignment="bottom-right"),
+    "window both sides + softcap": dict(window=(100, 30), softcap=30.0),
+    "everything": dict(causal=True, window=(127, -1), causal_alignment="bottom-right", softcap=20.0, alibi=True),
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [16, 80, 256])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(GPU_OPTIONS))
+def test_gpu_options_match_reference(backend, dtype, name):
+    shape, kwargs = option_case((2, 8, 2, 517, 1031, 128), padded=True, **GPU_OPTIONS[name])
+    kwargs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    qkv = make_qkv(*shape, dtype, device="cuda")
+    if backend == "cuda":
+        reasons = backend_reasons(*qkv, kwargs.get("key_padding_mask"), None, 0.0, kwargs.get("alibi_slopes"))["cuda"]()
+        if reasons:
+            pytest.skip("cuda backend: " + "; ".join(reasons))
+    check_against_reference(backend, qkv, dtype, with_lse=True, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [16, 80, 96, 256])
 def test_gpu_triton_head_dims_varlen_dropout(head_dim):
     lengths = [100, 1, 517, 64]
     qkv = make_qkv(0, 8, 2, 0, 0, head_dim, torch.bfloat16, device="cuda", lengths=lengths)
@@ -602,22 +926,31 @@ def _poison_allocator(*shapes, device):
         torch.full(shape, math.nan, dtype=torch.float32, device=device)
 
 
-def check_cuda_kernels(q, k, v, causal, mask, scale):
+def check_cuda_kernels(q, k, v, causal, mask, scale, window=(-1, -1), bottom_right=False, softcap=0.0,
+                       with_grad_lse=False):
     """Runs attention_cuda.attention_forward / attention_backward and attention_ref (fp32 and
-    input dtype) on the same inputs; the rule holds for out, lse, dq, dk and dv."""
+    input dtype) on the same inputs; the rule holds for out, lse, dq, dk and dv (with a
+    random gradient through the lse when ``with_grad_lse``)."""
     grad_out = torch.randn_like(q)
+    options = dict(window=window, bottom_right=bottom_right, softcap=softcap)
     _poison_allocator(q.shape, q.shape, k.shape, k.shape, device=q.device)
-    out, lse = attention_cuda.attention_forward(q, k, v, causal, mask, scale)
-    dq, dk, dv = attention_cuda.attention_backward(grad_out, q, k, v, out, lse, causal, mask, scale)
+    out, lse = attention_cuda.attention_forward(q, k, v, causal, mask, scale, **options)
+    grad_lse = torch.randn_like(lse).masked_fill(lse.isinf(), 0.0) if with_grad_lse else None
+    dq, dk, dv = attention_cuda.attention_backward(grad_out, q, k, v, out, lse, causal, mask, scale, grad_lse=grad_lse,
+                                                   **options)
     torch.cuda.synchronize()
 
     results = {}
     for upcast in (True, False):
         leaves = [t.detach().to(torch.float32 if upcast else t.dtype).requires_grad_() for t in (q, k, v)]
         ref_out, ref_lse = attention_ref(*leaves, causal=causal, key_padding_mask=mask, softmax_scale=scale,
-                                         upcast=upcast, return_lse=True)
-        ref_out.backward(grad_out.to(ref_out.dtype))
-        results[upcast] = (ref_out.detach(), ref_lse, *(t.grad for t in leaves))
+                                         window=window, causal_alignment=("bottom-right" if bottom_right else "top-left"),
+                                         softcap=softcap, upcast=upcast, return_lse=True)
+        if grad_lse is None:
+            ref_out.backward(grad_out.to(ref_out.dtype))
+        else:
+            torch.autograd.backward([ref_out, ref_lse], [grad_out.to(ref_out.dtype), grad_lse])
+        results[upcast] = (ref_out.detach(), ref_lse.detach(), *(t.grad for t in leaves))
     oracle, baseline = results[True], results[False]
 
     assert out.dtype == q.dtype and dq.dtype == q.dtype and dk.dtype == k.dtype
@@ -640,6 +973,28 @@ def test_cuda_kernels_match_reference(dtype, head_dim, causal, with_mask, seqlen
     _require_extension()
     q, k, v, mask = _cuda_inputs(2, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, dtype, with_mask)
     check_cuda_kernels(q, k, v, causal, mask, 1.0 / math.sqrt(head_dim))
+
+
+CUDA_OPTIONS = {  # name -> (causal, window, bottom_right, softcap)
+    "causal bottom-right": (True, (-1, -1), True, 0.0),
+    "sliding window": (True, (37, -1), False, 0.0),
+    "sliding window bottom-right": (True, (100, -1), True, 0.0),
+    "window both sides": (False, (70, 9), False, 0.0),
+    "softcap": (False, (-1, -1), False, 3.0),
+    "softcap, causal window": (True, (64, -1), True, 1.5),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 1), (113, 113), (1023, 1023), (77, 300), (300, 77)])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("name", list(CUDA_OPTIONS))
+def test_cuda_kernels_options(name, head_dim, seqlen_q, seqlen_k):
+    """Windows (key tiles skipped), both alignments, softcap and the lse's gradient."""
+    _require_extension()
+    causal, window, bottom_right, softcap = CUDA_OPTIONS[name]
+    q, k, v, mask = _cuda_inputs(2, 6, 2, seqlen_q, seqlen_k, head_dim, torch.bfloat16, with_mask=True)
+    check_cuda_kernels(q, k, v, causal, mask, head_dim**-0.5, window, bottom_right, softcap, with_grad_lse=True)
 
 
 @pytest.mark.gpu
@@ -724,9 +1079,9 @@ def test_cuda_reasons_empty_for_supported_inputs():
 def test_cuda_reasons_name_what_the_kernels_cannot_do():
     """Runs on the CPU: the reasons are plain Python."""
     q = torch.randn(1, 2, 5, 64)
-    text = " | ".join(attention_cuda.reasons(q, q, q, None, torch.tensor([0, 5]), 0.1))
+    text = " | ".join(attention_cuda.reasons(q, q, q, None, torch.tensor([0, 5]), 0.1, torch.ones(2)))
     assert "CUDA device" in text and "float16/bfloat16" in text
-    assert "cu_seqlens" in text and "dropout" in text
+    assert "cu_seqlens" in text and "dropout" in text and "ALiBi" in text
     odd = torch.randn(1, 2, 5, 96, dtype=torch.float16)
     assert any("head_dim 96" in r for r in attention_cuda.reasons(odd, odd, odd))
 
@@ -818,6 +1173,25 @@ def test_cuda_backend_on_the_stand_in(monkeypatch, dtype, shape, causal, padded)
     check_against_reference("cuda", qkv, dtype, causal=causal, key_padding_mask=mask)
     assert [name for name, _ in stand_in.calls] == ["attention_forward", "attention_backward"]
     assert stand_in.guards == [qkv[0].device] * 2  # launched on the tensors' device
+
+
+@pytest.mark.parametrize("name", ["causal bottom-right, seq_q > seq_k", "window bottom-right + padding",
+                                  "softcap causal padded", "window on both sides"])
+def test_cuda_backend_options_on_the_stand_in(monkeypatch, name):
+    """Windows, alignments, softcap and the lse's gradient cross the binding as the kernels
+    take them (window_left / window_right / bottom_right / softcap / grad_lse)."""
+    stand_in = stand_in_gpu(monkeypatch, emulate=True)
+    shape, kwargs = _option_case(name)
+    shape = (*shape[:5], 64)  # a head_dim the kernels have
+    check_against_reference("cuda", make_qkv(*shape, torch.float16), torch.float16, with_lse=True, **kwargs)
+    forward, backward = (call for _, call in stand_in.calls)
+    left, right = kwargs.get("window") or (-1, -1)
+    if kwargs.get("causal"):
+        right = 0
+    assert (forward["window_left"], forward["window_right"]) == (left, right)
+    assert forward["bottom_right"] == (kwargs.get("causal_alignment") == "bottom-right")
+    assert forward["softcap"] == kwargs.get("softcap", 0.0) and backward["softcap"] == forward["softcap"]
+    assert backward["grad_lse"] != 0  # the lse's gradient crossed too
 
 
 def test_cuda_backend_reads_strided_views_in_place(monkeypatch):

@@ -19,7 +19,14 @@ import fastft  # noqa: E402
 import fastft.models  # noqa: E402  (registers "fastft")
 from fastft.models import attention as fastft_attention  # noqa: E402
 
-from _tiny_models import bert_config, gpt2_config, llama_config, mistral_config, roberta_config  # noqa: E402
+from _tiny_models import (  # noqa: E402
+    bert_config,
+    gemma2_config,
+    gpt2_config,
+    llama_config,
+    mistral_config,
+    roberta_config,
+)
 
 ATOL = 1e-5
 VOCAB = 113  # odd, so no size is a power of two
@@ -47,6 +54,21 @@ def op_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def op_kwargs(monkeypatch):
+    """Records (q_len, k_len, keyword arguments) of every call to fastft.ops.attention."""
+    module = importlib.import_module("fastft.ops.attention")
+    real = module.attention
+    calls = []
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape[2], k.shape[2], kwargs))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(module, "attention", spy)
+    return calls
+
+
 # --------------------------------------------------------------------------- tiny models
 
 
@@ -60,6 +82,12 @@ def _config(family):
         return gpt2_config(VOCAB, hidden_size=48, dropout=0.0, bos_token_id=0, eos_token_id=0, **sizes)
     if family == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
         return llama_config(VOCAB, hidden_size=64, num_key_value_heads=2, intermediate_size=37, pad_token_id=0, **sizes)
+    if family == "mistral":  # a sliding window of 3 keys, shorter than the test sequences
+        return mistral_config(VOCAB, hidden_size=32, num_key_value_heads=2, intermediate_size=37, sliding_window=3,
+                              pad_token_id=0, **sizes)
+    if family == "gemma2":  # sliding and full layers alternate; a soft-cap that bites at these scores
+        return gemma2_config(VOCAB, hidden_size=32, num_key_value_heads=2, intermediate_size=37, sliding_window=3,
+                             attn_logit_softcapping=1.5, final_logit_softcapping=None, pad_token_id=0, **sizes)
     raise ValueError(family)
 
 
@@ -69,7 +97,11 @@ MODEL_CLASS = {
     "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
 }
-CAUSAL = {"bert": False, "roberta": False, "gpt2": True, "llama": True}
+CAUSAL = {"bert": False, "roberta": False, "gpt2": True, "llama": True, "mistral": True, "gemma2": True}
+# Families whose attention needs sliding windows / soft-capping (attention patched only:
+# their LM heads are not fused-loss heads), with the implementation they are compared to
+# (Gemma 2's soft-capping has no sdpa path in transformers: eager).
+WINDOW_FAMILIES = {"mistral": ("MistralForCausalLM", "sdpa"), "gemma2": ("Gemma2ForCausalLM", "eager")}
 
 
 def _models(family, cls_name=None):
@@ -240,7 +272,9 @@ def test_generate_with_kv_cache_matches_sdpa():
     _, plain, fast = _models("llama")
     input_ids, mask, _ = _batch("llama", padding="left")
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    before = sum(fastft.models.fallback_reasons().values())
     torch.testing.assert_close(fast.generate(input_ids, **kwargs), plain.generate(input_ids, **kwargs))
+    assert sum(fastft.models.fallback_reasons().values()) == before  # every step on the op
 
 
 # --------------------------------------------------------------------------- masks
@@ -305,22 +339,235 @@ def test_inexpressible_4d_mask_falls_back_with_reason(op_calls):
     assert any("(3, 1, 7, 7)" in reason for reason in fastft.models.fallback_reasons())
 
 
-def test_sliding_window_falls_back_with_reason(op_calls):
-    torch.manual_seed(8)
-    config = mistral_config(VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=37, max_position_embeddings=64, sliding_window=3)
-    plain = transformers.MistralForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
-    fast = copy.deepcopy(plain)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MistralForCausalLM is not a fused-loss head: warned, tested below
-        fastft.patch(fast)
-    input_ids, mask, _ = _batch("llama")
+# --------------------------------------------------------------------------- sliding windows, softcap, caches
+
+
+def _window_models(family):
+    """(fp64 reference, fp32 reference, fp32 with fastft attention) for a WINDOW_FAMILIES model."""
+    class_name, implementation = WINDOW_FAMILIES[family]
+    cls = getattr(transformers, class_name)
+    plain = cls._from_config(copy.deepcopy(_config(family)), attn_implementation=implementation).eval()
+    for p in plain.parameters():  # away from HF's init: fresh random values
+        p.data.add_(torch.randn_like(p) * 0.05)
+    reference = copy.deepcopy(plain).double()
+    fast = fastft.patch(copy.deepcopy(plain), loss=False)
+    return reference, plain, fast
+
+
+def _fallbacks() -> int:
+    return sum(fastft.models.fallback_reasons().values())
+
+
+@pytest.mark.parametrize("family,padding", [("mistral", "right"), ("mistral", "left"), ("mistral", "none"),
+                                            ("gemma2", "none")])
+def test_sliding_window_and_softcap_models_match_reference(family, padding, op_kwargs):
+    """Mistral (sliding window 3) and Gemma 2 (sliding and full layers, attention soft-cap
+    1.5) run every layer on the op, with the window and the cap, and match sdpa / eager:
+    logits at real tokens, the loss and every parameter's gradient. (Gemma 2's eager
+    reference turns padded batches into NaN: a padded query whose window holds only
+    padding gets softmax(all -inf), and the NaN reaches real tokens through 0 · NaN in
+    the next layer; the op gives such rows 0. Padding + window runs on Mistral, padding +
+    softcap in tests/test_attention.py.)"""
+    torch.manual_seed(15)
+    models = _window_models(family)
+    input_ids, mask, labels = _batch("llama", padding=padding)
+    before = _fallbacks()
+    results = []
+    for model in models[::-1]:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=input_ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results.append((out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (logits_fast, loss_fast, grads_fast), (logits_plain, loss_plain, grads_plain), (logits_ref, loss_ref, grads_ref) = results
+    real = torch.ones(3, 7, dtype=torch.bool) if mask is None else mask.bool()
+    _assert_close(logits_fast[real], logits_plain[real], logits_ref[real], "logits at real tokens")
+    _assert_close(loss_fast, loss_plain, loss_ref, "loss")
+    for name, grad_ref in grads_ref.items():
+        _assert_close(grads_fast[name], grads_plain[name], grad_ref, f"grad {name}")
+    assert _fallbacks() == before, fastft.models.fallback_reasons()
+    config = models[2].config
+    windows = {kwargs.get("window") for _, _, kwargs in op_kwargs}
+    assert len(op_kwargs) == config.num_hidden_layers
+    assert all(kwargs["causal"] for _, _, kwargs in op_kwargs)
+    if family == "mistral":
+        assert windows == {(config.sliding_window - 1, -1)}
+    else:  # Gemma 2: layer 0 slides, layer 1 sees everything; both soft-cap
+        assert windows == {(config.sliding_window - 1, -1), None}
+        assert {kwargs["softcap"] for _, _, kwargs in op_kwargs} == {config.attn_logit_softcapping}
+
+
+def test_softcap_and_window_change_the_output():
+    """The models above would not notice a dropped window or cap if neither changed
+    anything at these sizes: they do."""
+    torch.manual_seed(16)
+    _, _, fast = _window_models("gemma2")
+    input_ids, _, _ = _batch("llama", padding="none")
     with torch.no_grad():
-        expected = plain(input_ids=input_ids, attention_mask=mask).logits
-        out = fast(input_ids=input_ids, attention_mask=mask).logits
-    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
-    assert not op_calls
-    assert "sliding-window" in fastft.models.last_fallback_reason
+        expected = fast(input_ids=input_ids).logits
+        for attribute, value in (("attn_logit_softcapping", None), ("sliding_window", 64)):
+            changed = copy.deepcopy(fast)
+            for layer in changed.model.layers:
+                if attribute == "attn_logit_softcapping" or layer.self_attn.sliding_window is not None:
+                    setattr(layer.self_attn, attribute, value)
+            assert (changed(input_ids=input_ids).logits - expected).abs().max() > 1e-3, attribute
+
+
+@pytest.mark.parametrize("family", ["llama", *WINDOW_FAMILIES])
+def test_generation_with_kv_cache_runs_on_the_op(family, op_kwargs):
+    """Greedy generation (prefill with left padding, then one-token decoding steps; the
+    sliding-window families past their window, with transformers' sliding cache layers):
+    the same tokens with the cache as without it, and as the unpatched model, with every
+    step on the op (decoding and its bottom-right alignment included) and no fallback."""
+    torch.manual_seed(17)
+    if family == "llama":
+        _, plain, fast = _models("llama")
+    else:
+        _, plain, fast = _window_models(family)
+    input_ids, mask, _ = _batch("llama", padding="left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    before = _fallbacks()
+    with torch.no_grad():
+        cached = fast.generate(input_ids, **kwargs)
+        decoding_steps = [(q_len, k_len, kw) for q_len, k_len, kw in op_kwargs if q_len == 1]
+        recomputed = fast.generate(input_ids, use_cache=False, **kwargs)
+        expected = plain.generate(input_ids, **kwargs)
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached, expected)
+    assert _fallbacks() == before, fastft.models.fallback_reasons()
+    assert decoding_steps and all(kw["causal_alignment"] == "bottom-right" for _, _, kw in decoding_steps)
+    if family != "llama":  # sliding layers keep only the window's keys in their cache
+        window = fast.config.sliding_window
+        assert {k_len for _, k_len, kw in decoding_steps if kw.get("window")} == {window}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_chunked_prefill_is_bottom_right_causal(family, op_kwargs):
+    """A prompt fed in two chunks through a cache: the second chunk's 3 queries see the 4
+    cached keys and, causally, their own (bottom-right alignment), on the op; its logits
+    are the full prompt's last 3."""
+    torch.manual_seed(18)
+    models = _models("llama") if family == "llama" else _window_models(family)
+    input_ids, _, _ = _batch("llama", padding="none")
+    with torch.no_grad():
+        full = [m(input_ids=input_ids).logits[:, 4:] for m in models[::-1]]
+        cache = transformers.DynamicCache(config=models[2].config)
+        models[2](input_ids=input_ids[:, :4], cache=cache, use_cache=True)
+        op_kwargs.clear()
+        chunk = models[2](input_ids=input_ids[:, 4:], cache=cache, use_cache=True).logits
+    _assert_close(chunk, full[1], full[2], "logits of the second chunk")
+    assert op_kwargs and all(q_len == 3 and kw["causal"] and kw["causal_alignment"] == "bottom-right"
+                             for q_len, _, kw in op_kwargs)
+    assert {k_len for _, k_len, _ in op_kwargs} == ({7} if family == "llama" else {5})  # sliding: 2 cached + 3
+
+
+def test_sliding_window_mask_function_means_what_sdpa_mask_means():
+    """The compact form for the sliding-window pattern (with padding, with kv-cache
+    offsets of a full and a sliding cache layer) expands, with the window and bottom-right
+    alignment, to sdpa_mask's mask; a static cache's prefill (keys past the queries) is
+    left to sdpa_mask."""
+    from transformers import masking_utils
+
+    window = 3
+    function = masking_utils.sliding_window_causal_mask_function(window)
+    for q_len, kv_len, q_offset, kv_offset in [(7, 7, 0, 0), (1, 9, 8, 0), (3, 10, 7, 0), (1, 3, 9, 7),
+                                               (3, 5, 9, 7)]:
+        padding = torch.ones(2, kv_offset + kv_len, dtype=torch.bool)
+        padding[1, : kv_offset + 2] = False  # left padding
+        kwargs = dict(batch_size=2, q_length=q_len, kv_length=kv_len, q_offset=q_offset, kv_offset=kv_offset,
+                      mask_function=function, attention_mask=padding, local_size=window)
+        ours = fastft_attention.fastft_attention_mask(**kwargs)
+        theirs = masking_utils.sdpa_mask(**kwargs)
+        assert ours.shape == (2, kv_len), (q_len, kv_len, q_offset, kv_offset)
+        query = torch.arange(kv_len - q_len, kv_len)[:, None]
+        key = torch.arange(kv_len)[None, :]
+        expanded = ours[:, None, None, :] & (key <= query) & (key > query - window)
+        assert torch.equal(expanded, theirs.expand(2, 1, q_len, kv_len)), (q_len, kv_len, q_offset, kv_offset)
+    static = dict(batch_size=1, q_length=3, kv_length=16, q_offset=0, kv_offset=0, mask_function=function,
+                  attention_mask=torch.ones(1, 16, dtype=torch.bool), local_size=window)
+    assert fastft_attention.fastft_attention_mask(**static).dim() == 4  # sdpa_mask's own
+    combined = masking_utils.and_masks(function, masking_utils.causal_mask_function)  # not the plain pattern
+    assert fastft_attention._sliding_window_of(combined, masking_utils) is None
+    assert fastft_attention._sliding_window_of(function, masking_utils) == window
+
+
+def test_4d_sliding_window_mask_is_recognised(op_kwargs):
+    """A 4-D mask that is exactly the module's sliding window + key padding (what sdpa_mask
+    builds) runs on the op with the window; one that is not falls back."""
+    from transformers import masking_utils
+
+    torch.manual_seed(19)
+    reference, plain, fast = _window_models("mistral")
+    input_ids, mask, _ = _batch("llama")
+    allowed = masking_utils.sdpa_mask(
+        batch_size=3, q_length=7, kv_length=7, mask_function=masking_utils.sliding_window_causal_mask_function(3),
+        attention_mask=mask.bool(), local_size=3, allow_is_causal_skip=False)
+    before = _fallbacks()
+    with torch.no_grad():
+        outs = [m(input_ids=input_ids, attention_mask=allowed).logits for m in (fast, plain, reference)]
+    real = mask.bool()
+    _assert_close(*(o[real] for o in outs), "logits with a 4-D sliding-window mask")
+    assert _fallbacks() == before and op_kwargs
+    assert all(kw["window"] == (2, -1) and kw["causal"] for _, _, kw in op_kwargs)
+    wider = allowed | (torch.ones(7, 7, dtype=torch.bool).tril() & mask.bool()[:, None, None, :])  # no window
+    with torch.no_grad():
+        fast(input_ids=input_ids, attention_mask=wider)
+    assert "sliding window" in fastft.models.last_fallback_reason
+
+
+def test_softcap_fallback_runs_the_family_eager_function():
+    """A mask the op cannot take on a soft-capping model falls back to the model family's
+    eager attention (sdpa would silently drop the cap), recorded with its reason."""
+    torch.manual_seed(20)
+    models = _window_models("gemma2")
+    input_ids, _, _ = _batch("llama")
+    allowed = torch.rand(3, 1, 7, 7) > 0.4
+    allowed[..., 0] = True
+    additive = [torch.zeros(allowed.shape, dtype=d).masked_fill(~allowed, torch.finfo(d).min)
+                for d in (torch.float32, torch.float32, torch.float64)]
+    with torch.no_grad():
+        outs = [m(input_ids=input_ids, attention_mask=a).logits for m, a in zip(models[::-1], additive)]
+    _assert_close(*outs, "logits with an arbitrary 4-D mask")
+    assert "neither causal" in fastft.models.last_fallback_reason
+
+
+def test_fallback_reasons_list_what_still_falls_back():
+    torch.manual_seed(21)
+    _, _, fast = _models("llama")
+    input_ids, _, _ = _batch("llama")
+    allowed = torch.rand(3, 1, 7, 7) > 0.4
+    allowed[..., 0] = True
+    with torch.no_grad():
+        fast(input_ids=input_ids, attention_mask=allowed)
+    reasons = fastft.models.fallback_reasons()
+    assert any("(3, 1, 7, 7)" in reason and count >= fast.config.num_hidden_layers for reason, count in reasons.items())
+
+
+def test_import_fastft_alone_registers_on_transformers_import():
+    """``import fastft`` imports no transformers, and once transformers loads
+    ``attn_implementation="fastft"`` works without importing fastft.models."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastft\n"
+        "assert not [m for m in sys.modules if m.startswith('transformers')], 'import fastft imported transformers'\n"
+        "import torch, transformers\n"
+        "config = transformers.LlamaConfig(vocab_size=31, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,"
+        " intermediate_size=16)\n"
+        "model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation='fastft')\n"
+        "assert model.config._attn_implementation == 'fastft'\n"
+        "import importlib\n"
+        "op = importlib.import_module('fastft.ops.attention')\n"
+        "calls, real = [], op.attention\n"
+        "op.attention = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+        "model(torch.randint(0, 31, (1, 5)))\n"
+        "assert calls, 'the model did not call fastft.ops.attention'\n"
+        "assert 'fastft.models.patching' in sys.modules  # loaded by the registration, not by the user\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "FASTFT_BACKEND": "torch"})
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------- patch / unpatch

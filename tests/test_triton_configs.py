@@ -37,26 +37,33 @@ def target_configs(kernel, **tags):
             and all(getattr(c, k, v) in (v, "any") for k, v in tags.items())]
 
 
-def _attention_case(dtype, head_dim):
+def _attention_case(dtype, head_dim, extra):
     from test_attention import check_against_reference, make_qkv
 
-    qkv = make_qkv(2, 6, 2, 333, 333, head_dim, dtype, device="cuda")
-    mask = torch.rand(2, 333, device="cuda") > 0.2
-    check_against_reference("triton", qkv, dtype, causal=True, key_padding_mask=mask, dropout_p=0.1, dropout_seed=3)
+    qkv = make_qkv(2, 6, 2, 333, 391, head_dim, dtype, device="cuda")
+    mask = torch.rand(2, 391, device="cuda") > 0.2
+    options = dict(causal=True, key_padding_mask=mask, dropout_p=0.1, dropout_seed=3, with_lse=True)
+    if extra:  # the feature class the kernels prune separately (fits_extra): window, softcap, ALiBi
+        options.update(window=(150, -1), causal_alignment="bottom-right", softcap=20.0,
+                       alibi_slopes=torch.rand(2, 6, device="cuda"))
+    check_against_reference("triton", qkv, dtype, **options)
 
 
 @pytest.mark.parametrize("kernel_name", ["_attention_fwd_kernel", "_attention_bwd_dkdv_kernel",
                                          "_attention_bwd_dq_kernel"])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_each_attention_config(monkeypatch, kernel_name, head_dim):
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("extra", [False, True], ids=["base", "extra"])
+def test_each_attention_config(monkeypatch, kernel_name, head_dim, extra):
     from fastft.kernels import attention as kernels
 
     monkeypatch.delenv("FASTFT_TRITON_CONFIGS", raising=False)  # every config, even in a one-config run
     kernel = getattr(kernels, kernel_name)
-    configs = kernels._prune_for_head_dim(kernel.configs, {"HEAD_DIM_PAD": head_dim})
+    main, tail = kernels.head_dim_blocks(head_dim)
+    configs = kernels._prune_for_head_dim(kernel.configs, {"HEAD_DIM_MAIN": main, "HEAD_DIM_TAIL": tail,
+                                                           "WINDOW_LEFT": extra})
     for config in configs:
         with only_config(kernel, config):
-            _attention_case(torch.bfloat16, head_dim)
+            _attention_case(torch.bfloat16, head_dim, extra)
 
 
 @pytest.mark.parametrize("kernel_name", ["_linear_cross_entropy_fwd_kernel", "_linear_cross_entropy_bwd_kernel"])

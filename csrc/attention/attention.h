@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "attention/window.h"
+
 namespace fastft {
 namespace attention {
 
@@ -28,7 +30,11 @@ struct ForwardParams {
   int64_t mask_batch_stride = 0;
   Strides q_strides, k_strides, v_strides, out_strides;
   int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
-  bool causal = false;  // top-left aligned: query i attends keys j <= i
+  // Query i attends keys [i + shift - window_left, i + shift + window_right] (-1: unbounded;
+  // causal is window_right = 0), shift = seqlen_k - seqlen_q when bottom_right, else 0.
+  int window_left = -1, window_right = -1;
+  bool bottom_right = false;
+  float softcap = 0.f;  // > 0: scores s -> softcap * tanh(s / softcap) before the softmax
   float softmax_scale = 1.f;
   int dtype = 0;  // fastft::DType
 };
@@ -49,10 +55,23 @@ struct BackwardParams {
   int64_t mask_batch_stride = 0;
   Strides grad_out_strides, q_strides, k_strides, v_strides, out_strides, grad_k_strides, grad_v_strides;
   int batch = 0, heads_q = 0, heads_kv = 0, seqlen_q = 0, seqlen_k = 0, head_dim = 0;
-  bool causal = false;
+  int window_left = -1, window_right = -1;  // as in ForwardParams
+  bool bottom_right = false;
+  float softcap = 0.f;
+  const float* grad_lse = nullptr;  // (B, Hq, Sq) contiguous gradient of a returned lse, or nullptr
   float softmax_scale = 1.f;
   int dtype = 0;
 };
+
+// The key band of every query (window.h) for these parameters.
+template <typename Params>
+FASTFT_HOST_DEVICE Window window_of(const Params& p) {
+  Window w;
+  w.left = p.window_left;
+  w.right = p.window_right;
+  w.shift = p.bottom_right ? p.seqlen_k - p.seqlen_q : 0;
+  return w;
+}
 
 // Both throw std::runtime_error on an unsupported dtype / head_dim or a failed launch.
 void run_forward(const ForwardParams& params, cudaStream_t stream);

@@ -1,9 +1,10 @@
 // FlashAttention-2 backward pass (Dao 2023, Algorithm 2) on sm_80+ tensor cores.
 //
 // Three launches:
-//   1. delta = rowsum(dO * O)   (B, Hq, Sq) fp32: the "D_i" of the paper, which turns the
-//      softmax Jacobian-vector product into dS = P * (dP - delta) without a row reduction
-//      inside the main loop.
+//   1. delta = rowsum(dO * O) - dlse   (B, Hq, Sq) fp32: the "D_i" of the paper, which turns
+//      the softmax Jacobian-vector product into dS = P * (dP - delta) without a row
+//      reduction inside the main loop; dlse is the gradient of a returned lse (0 without:
+//      d lse / d s = P, so it enters as dS = P * (dP - rowsum(dO * O) + dlse)).
 //   2. One thread block per (batch, key/value head, kBlockN = 64 keys). It holds K and V of
 //      its keys in shared memory and dK, dV in registers (each of the 4 warps owns 16 keys),
 //      and walks every query block of every query head of its group (GQA: dK and dV are
@@ -12,6 +13,8 @@
 //         dV  += P^T dO                     dP^T = V dO^T
 //         dS^T = P^T * (dP^T - delta)       dK  += dS^T Q
 //         dQ  += dS K                       (fp32 atomicAdd into a (B, Hq, Sq, D) buffer)
+//      visiting only the query blocks whose window reaches its keys (window.h). With
+//      soft-capping (s -> c tanh(s / c)), dS is multiplied by 1 - tanh^2.
 //   3. dQ = softmax_scale * dQ_accum, converted to the input dtype.
 //
 // Why atomics for dQ rather than a separate dQ kernel: a separate kernel looping over key
@@ -75,7 +78,7 @@ attention_backward_delta_kernel(const BackwardParams p) {
   for (int d = lane; d < p.head_dim; d += 32) sum += to_float(grad_out[d]) * to_float(out[d]);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) p.delta[row] = sum;  // delta is contiguous (B, Hq, Sq)
+  if (lane == 0) p.delta[row] = p.grad_lse == nullptr ? sum : sum - p.grad_lse[row];  // contiguous (B, Hq, Sq)
 }
 
 // ----------------------------------------------------------------------------- 2. dK, dV, dQ
@@ -121,14 +124,16 @@ attention_backward_kernel(const BackwardParams p) {
 
   // This thread's two keys (accumulator rows `group` and `group + 8` of its warp) are fixed
   // for the whole block: fold "past the end" and the padding mask into one flag each.
-  int key_index[2];
-  bool key_allowed[2];
+  // The queries [first, last] that may see each of them (window.h) are fixed too.
+  const Window window = window_of(p);
+  int query_first[2], query_last[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    key_index[r] = n_start + warp * 16 + group + r * 8;
-    key_allowed[r] = key_index[r] < p.seqlen_k &&
-                     (p.key_padding_mask == nullptr ||
-                      p.key_padding_mask[batch * p.mask_batch_stride + key_index[r]] != 0);
+    const int key = n_start + warp * 16 + group + r * 8;
+    queries_of_key(window, key, p.seqlen_q, query_first[r], query_last[r]);
+    const bool key_allowed = key < p.seqlen_k && (p.key_padding_mask == nullptr ||
+                                                  p.key_padding_mask[batch * p.mask_batch_stride + key] != 0);
+    if (!key_allowed) query_first[r] = p.seqlen_q;  // an empty range: no query sees it
   }
 
   float dk_acc[kHeadDim / 8][4], dv_acc[kHeadDim / 8][4];
@@ -138,9 +143,15 @@ attention_backward_kernel(const BackwardParams p) {
     for (int e = 0; e < 4; ++e) dk_acc[nt][e] = dv_acc[nt][e] = 0.f;
 
   const float scale_log2 = p.softmax_scale * kLog2e;  // exp(scale * s) = exp2(s * scale_log2)
-  // Causal: query i sees key j only when i >= j, so query blocks that end before this key
-  // block starts contribute nothing and are skipped.
-  const int m_first = p.causal ? (n_start / kBlockM) * kBlockM : 0;
+  // Query blocks whose window does not reach this key block (causal: those that end
+  // before it starts; sliding windows: those far after it too) contribute nothing and are
+  // skipped.
+  const int m_first = query_begin(window, n_start, kBlockM, p.seqlen_q);
+  const int m_end = query_end(window, n_start, kBlockN, p.seqlen_q, p.seqlen_k);
+  // Soft-capping, as in the forward pass: scores in raw units s -> (c / scale) tanh(s scale / c).
+  const bool softcap = p.softcap > 0.f;
+  const float cap_in = p.softmax_scale / p.softcap, cap_out = p.softcap / p.softmax_scale;
+  const float inv_cap_log2 = 1.f / (p.softcap * kLog2e);
 
   for (int head = head_kv * group_size; head < (head_kv + 1) * group_size; ++head) {
     const T* q = static_cast<const T*>(p.q) + batch * p.q_strides.batch + head * p.q_strides.head;
@@ -151,7 +162,7 @@ attention_backward_kernel(const BackwardParams p) {
     const float* delta = p.delta + row_offset;
     float* grad_q_accum = p.grad_q_accum + row_offset * kHeadDim;
 
-    for (int m_start = m_first; m_start < p.seqlen_q; m_start += kBlockM) {
+    for (int m_start = m_first; m_start < m_end; m_start += kBlockM) {
       load_tile_async<T, kBlockM, kHeadDim, kThreads>(smem_q, kStride, q, p.q_strides.seq, m_start, p.seqlen_q);
       load_tile_async<T, kBlockM, kHeadDim, kThreads>(smem_do, kStride, grad_out, p.grad_out_strides.seq, m_start,
                                                       p.seqlen_q);
@@ -186,16 +197,23 @@ attention_backward_kernel(const BackwardParams p) {
         }
       }
 
+      if (softcap) {  // uniform branch
+#pragma unroll
+        for (int nt = 0; nt < kBlockM / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[nt][e] = cap_out * tanh_approx(s[nt][e] * cap_in);
+      }
+
       // P^T = exp2(s * scale * log2(e) - lse * log2(e)) = exp(scale * s - lse): the
       // forward probabilities recomputed from the saved log-sum-exp. Masked entries are 0.
-      const bool causal_block = p.causal && n_start + kBlockN - 1 > m_start;
 #pragma unroll
       for (int nt = 0; nt < kBlockM / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int query_local = nt * 8 + quad_lane * 2 + (e & 1);
+          const int query = m_start + query_local;
           const int r = e / 2;
-          const bool allowed = key_allowed[r] && (!causal_block || key_index[r] <= m_start + query_local);
+          const bool allowed = query >= query_first[r] && query <= query_last[r];
           s[nt][e] = allowed ? exp2f(s[nt][e] * scale_log2 - smem_lse2[query_local]) : 0.f;
         }
       }
@@ -239,6 +257,20 @@ attention_backward_kernel(const BackwardParams p) {
       for (int nt = 0; nt < kBlockM / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - smem_delta[nt * 8 + quad_lane * 2 + (e & 1)]);
+      if (softcap) {
+        // Through c tanh(u): times 1 - tanh(u)^2. tanh(u) is read back from P itself,
+        // log2(P) + lse2 = c log2(e) tanh(u), instead of keeping a second register tile
+        // (P = 0, masked or underflowed, has dS = 0 whatever the factor).
+#pragma unroll
+        for (int nt = 0; nt < kBlockM / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float prob = s[nt][e];
+            const float t = prob > 0.f ? (log2f(prob) + smem_lse2[nt * 8 + quad_lane * 2 + (e & 1)]) * inv_cap_log2 : 0.f;
+            dp[nt][e] *= 1.f - t * t;
+          }
+        }
+      }
 
       // dK += dS^T Q, and dS^T to shared memory (16-bit) for dQ = dS K below.
 #pragma unroll

@@ -7,7 +7,9 @@
 // registers, then O += P V with P converted to 16 bits straight from the accumulator
 // registers. Q stays in registers for the whole loop; K and V tiles go through shared
 // memory with cp.async, V_j loading while S_j is computed and K_{j+1} loading while the
-// softmax and P V_j run.
+// softmax and P V_j run. Only the key blocks inside the block's window (window.h: causal,
+// either alignment, sliding windows) are visited; soft-capping (softcap * tanh(s /
+// softcap)) is applied to the scores in registers.
 #include "attention/attention.h"
 #include "attention/mma_utils.cuh"
 #include "common.h"
@@ -31,7 +33,7 @@ static_assert(kBlockM == kWarps * 16, "each warp owns 16 query rows");
 static_assert(kThreads >= kBlockN, "one thread per key stages the padding mask of a key block");
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
 attention_forward_kernel(const ForwardParams p) {
   // Shared-memory rows are padded by 8 elements (16 bytes): consecutive rows then start
   // 4 banks apart, so the 8 row addresses of an ldmatrix hit distinct banks.
@@ -61,15 +63,22 @@ attention_forward_kernel(const ForwardParams p) {
   const uint8_t* key_mask =
       p.key_padding_mask == nullptr ? nullptr : p.key_padding_mask + batch * p.mask_batch_stride;
 
-  // Causal: query i sees keys j <= i, so this block needs keys below its last row + 1;
-  // the key blocks after that are fully masked and skipped entirely.
-  int n_end = p.seqlen_k;
-  if (p.causal) n_end = min(n_end, min(m_start + kBlockM, p.seqlen_q));
-  const int n_blocks = (n_end + kBlockN - 1) / kBlockN;
+  // The keys this block's rows can see (causal, alignment, sliding window): the key
+  // blocks outside [n_begin, n_end) are fully masked and skipped entirely.
+  const Window window = window_of(p);
+  const int n_begin = key_begin(window, m_start, kBlockN, p.seqlen_k);
+  const int n_end = key_end(window, m_start, kBlockM, p.seqlen_q, p.seqlen_k);
+  const int n_blocks = n_end > n_begin ? (n_end - n_begin + kBlockN - 1) / kBlockN : 0;
+  // The keys [first, last] each of this thread's two rows may see (window and sequence end).
+  int key_first[2], key_last[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    keys_of_query(window, m_start + warp * 16 + group + r * 8, p.seqlen_k, key_first[r], key_last[r]);
+  }
 
-  // Prologue: Q into the V buffer and K_0 into the K buffer, in one cp.async group.
+  // Prologue: Q into the V buffer and the first K block into the K buffer, in one cp.async group.
   load_tile_async<T, kBlockM, kHeadDim, kThreads>(smem_v, kStride, q, p.q_strides.seq, m_start, p.seqlen_q);
-  load_tile_async<T, kBlockN, kHeadDim, kThreads>(smem_k, kStride, k, p.k_strides.seq, 0, p.seqlen_k);
+  load_tile_async<T, kBlockN, kHeadDim, kThreads>(smem_k, kStride, k, p.k_strides.seq, n_begin, p.seqlen_k);
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -92,9 +101,13 @@ attention_forward_kernel(const ForwardParams p) {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
   const float scale_log2 = p.softmax_scale * kLog2e;
+  // Soft-capping keeps the scores in raw units: s -> (c / scale) tanh(s * scale / c), so the
+  // scaled score is c tanh(scale s / c) and everything after it is unchanged.
+  const bool softcap = p.softcap > 0.f;
+  const float cap_in = p.softmax_scale / p.softcap, cap_out = p.softcap / p.softmax_scale;
 
   for (int nb = 0; nb < n_blocks; ++nb) {
-    const int n_start = nb * kBlockN;
+    const int n_start = n_begin + nb * kBlockN;
     // V_nb streams in while S = Q K_nb^T is computed.
     load_tile_async<T, kBlockN, kHeadDim, kThreads>(smem_v, kStride, v, p.v_strides.seq, n_start, p.seqlen_k);
     cp_async_commit();
@@ -127,11 +140,18 @@ attention_forward_kernel(const ForwardParams p) {
     }
     cp_async_commit();  // an empty group on the last step keeps the wait counts uniform
 
+    if (softcap) {  // uniform branch: the common path pays one test per key block
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = cap_out * tanh_approx(s[nt][e] * cap_in);
+    }
+
     // Masks: keys past the end (their K rows were zero-filled, so their scores are 0,
-    // not -inf), keys after the query (causal), padded keys. Blocks that need none of
-    // these skip the per-element test.
+    // not -inf), keys outside the window (causal, sliding), padded keys. Blocks that need
+    // none of these skip the per-element test.
     const bool need_mask = n_start + kBlockN > p.seqlen_k || key_mask != nullptr ||
-                           (p.causal && n_start + kBlockN - 1 > m_start);
+                           tile_crosses_window(window, m_start, kBlockM, n_start, kBlockN);
     if (need_mask) {
 #pragma unroll
       for (int nt = 0; nt < kBlockN / 8; ++nt) {
@@ -139,8 +159,8 @@ attention_forward_kernel(const ForwardParams p) {
         for (int e = 0; e < 4; ++e) {
           const int key_in_block = nt * 8 + quad_lane * 2 + (e & 1);
           const int key = n_start + key_in_block;
-          const int query = m_start + warp * 16 + group + (e >= 2 ? 8 : 0);
-          const bool allowed = key < p.seqlen_k && (!p.causal || key <= query) &&
+          const int r = e / 2;
+          const bool allowed = key >= key_first[r] && key <= key_last[r] &&
                                (key_mask == nullptr || smem_key_mask[key_in_block] != 0);
           s[nt][e] = allowed ? s[nt][e] * scale_log2 : -INFINITY;
         }

@@ -205,6 +205,15 @@ __device__ __forceinline__ void store_acc_to_smem(T* smem, int smem_stride, int 
   }
 }
 
+// tanh with one MUFU.TANH instruction (sm_75+; max relative error 2^-10.99, the PTX ISA's
+// "tanh.approx.f32"): soft-capping's tanh, as FlashAttention computes it. The accurate
+// tanhf costs ~20 instructions and enough registers to make the forward kernel spill.
+__device__ __forceinline__ float tanh_approx(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Max / sum over the 4 lanes of a quad, which together hold one accumulator row.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

@@ -8,30 +8,40 @@ Two functions are registered with ``transformers`` under the name ``"fastft"``:
   the ``"sdpa"`` mask means but never materialises a ``(batch, 1, q, k)`` mask for the
   two patterns the op expresses:
 
-  ====================================  ============================================
-  pattern                               what the model passes to attention
-  ====================================  ============================================
-  causal or bidirectional, no padding   ``None`` (causality from the module, as sdpa)
-  causal + key padding                  ``(batch, kv)`` bool, True = attend
-  bidirectional + key padding           ``(batch, 1, 1, kv)`` bool, True = attend
-  anything else (sliding window,        the ``(batch, 1, q, kv)`` bool mask of
-  packed sequences, chunked, overlays,  ``"sdpa"``: the attention function below
-  offsets from a kv-cache, ...)         falls back to sdpa for it
-  ====================================  ============================================
+  ======================================  ==========================================
+  pattern                                 what the model passes to attention
+  ======================================  ==========================================
+  causal (or causal sliding window) or    ``None`` (causality from the module, the
+  bidirectional, no padding, no cache     window from its ``sliding_window``)
+  causal (or causal sliding window) +     ``(batch, kv)`` bool, True = attend:
+  key padding, or a kv-cache whose keys   causal aligned bottom-right (the last
+  end at the last query (decoding,        query sees the last key), the window from
+  chunked prefill, sliding-window caches) the module's ``sliding_window``
+  bidirectional + key padding             ``(batch, 1, 1, kv)`` bool, True = attend
+  anything else (packed sequences,        the ``(batch, 1, q, kv)`` bool mask of
+  chunked attention, overlays, a static   ``"sdpa"``: the attention function below
+  cache's prefill, ...)                   runs it when it recognises it, else falls
+                                          back
+  ======================================  ==========================================
 
   The ``(batch, 1, 1, kv)`` form broadcasts exactly like a full sdpa/eager mask, so
   the bidirectional case stays valid for any code that reads it. The 2-D form is the
   convention of ``transformers``' own flash-attention path (a 2-D mask = padding on top
-  of a causal pattern).
+  of a causal pattern aligned bottom-right, the window coming from the attention
+  module's ``sliding_window`` argument, which every sliding-window model passes for
+  flash attention).
 
 * an **attention function** in ``AttentionInterface`` with the signature every HF
   attention module calls (``module, query, key, value, attention_mask, dropout,
   scaling, ...``; q/k/v are ``(batch, heads, seq, head_dim)``, k/v may have fewer heads).
-  It turns the mask into ``causal`` + ``key_padding_mask`` (it also recognises those
-  patterns in a 4-D bool or additive float mask, e.g. one the user passed) and calls
-  ``fastft.ops.attention``. When the mask or an argument is something the op cannot
-  express it calls ``transformers``' sdpa function instead, records the reason in
-  :data:`last_fallback_reason` / :func:`fallback_reasons` and logs it once.
+  It turns the mask into ``causal`` + ``causal_alignment`` + ``key_padding_mask`` (it also
+  recognises those patterns, sliding windows included, in a 4-D bool or additive float
+  mask, e.g. one the user passed), the module's ``sliding_window`` into ``window`` and its
+  ``softcap`` into ``softcap``, and calls ``fastft.ops.attention``. When the mask or an
+  argument is something the op cannot express it calls ``transformers``' sdpa function
+  instead (the model family's eager function when the call soft-caps, which sdpa cannot),
+  records the reason in :data:`last_fallback_reason` / :func:`fallback_reasons` and logs
+  it once.
 
 Mask conventions follow ``transformers.masking_utils`` (checked against 5.17 and 5.23):
 bool masks are True where attention is allowed; additive float masks are 0 where
@@ -41,7 +51,9 @@ allowed and ``torch.finfo(dtype).min`` (or -inf) where not.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
+import sys
 from typing import Optional
 
 import torch
@@ -52,6 +64,7 @@ __all__ = [
     "fastft_attention_forward",
     "fastft_attention_mask",
     "register",
+    "register_loaded",
     "fallback_reasons",
     "last_fallback_reason",
 ]
@@ -68,8 +81,6 @@ _fallback_counts: collections.Counter = collections.Counter()
 # Keyword arguments some HF attention modules pass that change the math in a way the op
 # has no parameter for. A value of None means "not used" and is fine.
 _UNSUPPORTED_KWARGS = {
-    "sliding_window": "sliding-window attention",
-    "softcap": "attention logit soft-capping",
     "s_aux": "attention sinks (s_aux)",
     "sinks": "attention sinks",
     "position_bias": "an additive position bias (T5-style)",
@@ -116,33 +127,39 @@ def fastft_attention_mask(
     Args:
         batch_size, q_length, kv_length, q_offset, kv_offset: as in
             ``transformers.masking_utils.sdpa_mask`` (offsets are non-zero with a kv-cache).
-        mask_function: the pattern ``transformers`` wants; only its two plain patterns
-            (``causal_mask_function``, ``bidirectional_mask_function``) get a compact mask.
+        mask_function: the pattern ``transformers`` wants; its plain causal, bidirectional
+            and causal sliding-window patterns get a compact mask.
         attention_mask: optional ``(batch, >= kv_offset + kv_length)`` bool padding mask,
             True = real token.
+        local_size: the sliding window (or chunk) size ``transformers`` passes along.
 
     Returns:
-        ``None``, a ``(batch, kv_length)`` bool mask (causal + key padding), a
-        ``(batch, 1, 1, kv_length)`` bool mask (key padding only), or for any other
-        pattern exactly what ``sdpa_mask`` returns. See the module docstring.
+        ``None``, a ``(batch, kv_length)`` bool mask (causal, or causal sliding window, +
+        key padding, aligned bottom-right), a ``(batch, 1, 1, kv_length)`` bool mask (key
+        padding only), or for any other pattern exactly what ``sdpa_mask`` returns. See
+        the module docstring.
     """
     from transformers import masking_utils
 
-    is_causal_pattern = mask_function is masking_utils.causal_mask_function
     is_bidirectional_pattern = mask_function is masking_utils.bidirectional_mask_function
-    # A causal pattern is expressible when queries and keys are the same positions:
-    # no kv-cache offset. (Decoding with a cache goes through sdpa_mask; a (B,1,1,K)
-    # result for one query is still recognised by the attention function.)
-    causal_aligned = q_offset == 0 and kv_offset == 0 and q_length == kv_length
-    if local_size is None and (is_bidirectional_pattern or (is_causal_pattern and causal_aligned)):
+    window = _sliding_window_of(mask_function, masking_utils)
+    is_causal_pattern = mask_function is masking_utils.causal_mask_function or (
+        window is not None and local_size == window)
+    # A causal pattern is expressible when the keys end at the last query: no cache, or a
+    # cache whose keys are the past tokens (DynamicCache, a sliding layer's last W - 1),
+    # i.e. causal aligned bottom-right. A static cache's prefill (keys past the queries:
+    # empty slots) is not.
+    keys_end_at_last_query = q_offset + q_length == kv_offset + kv_length
+    aligned = q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    if (is_causal_pattern and keys_end_at_last_query) or (is_bidirectional_pattern and local_size is None):
         padding = _key_padding(attention_mask, kv_length, kv_offset)  # (B, K) bool | None
         no_padding = padding is None or (not _is_compiling() and bool(padding.all()))
         if is_causal_pattern:
-            if no_padding and allow_is_causal_skip:
-                return None  # the module's is_causal applies, exactly as for sdpa
+            if no_padding and allow_is_causal_skip and aligned:
+                return None  # the module's is_causal (and sliding_window) apply, as for sdpa
             if padding is None:
                 padding = torch.ones(batch_size, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
-            return padding.expand(batch_size, kv_length)  # (B, K): causal + key padding
+            return padding.expand(batch_size, kv_length)  # (B, K): causal (bottom-right) + key padding
         if no_padding and allow_is_bidirectional_skip:
             return None
         if padding is None:
@@ -163,6 +180,23 @@ def fastft_attention_mask(
     )
 
 
+def _sliding_window_of(mask_function, masking_utils) -> Optional[int]:
+    """``W`` when ``mask_function`` is ``transformers``' causal sliding-window pattern
+    (``sliding_window_causal_mask_function(W)``: ``and_masks(sliding_window_overlay(W),
+    causal_mask_function)``), else None. Read from the closures, so any other combination
+    (packed sequences, chunks, overlays) is not mistaken for it."""
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+        return None
+    parts = inspect.getclosurevars(mask_function).nonlocals.get("mask_functions", ())
+    if len(parts) != 2 or parts[1] is not masking_utils.causal_mask_function:
+        return None
+    overlay = parts[0]
+    if getattr(overlay, "__qualname__", "") != "sliding_window_overlay.<locals>.inner_mask":
+        return None
+    window = inspect.getclosurevars(overlay).nonlocals.get("sliding_window")
+    return window if isinstance(window, int) and window > 0 else None
+
+
 def _key_padding(attention_mask: Optional[torch.Tensor], kv_length: int, kv_offset: int) -> Optional[torch.Tensor]:
     """The ``(batch, kv_length)`` bool slice of a 2-D padding mask seen by these keys.
 
@@ -181,51 +215,63 @@ def _key_padding(attention_mask: Optional[torch.Tensor], kv_length: int, kv_offs
 # --------------------------------------------------------------------------- mask -> op arguments
 
 
-def _mask_to_op_arguments(attention_mask, causal: bool, batch: int, q_len: int, k_len: int):
-    """Translate what the model passed into ``(causal, key_padding_mask, reason)``.
+def _mask_to_op_arguments(attention_mask, causal: bool, window_left: int, batch: int, q_len: int, k_len: int):
+    """Translate what the model passed into ``(causal, alignment, key_padding_mask, reason)``.
 
     ``reason`` is None when the op can run, otherwise why it cannot. ``key_padding_mask``
-    is ``(batch, k_len)`` bool (True = attend) or None.
+    is ``(batch, k_len)`` bool (True = attend) or None; ``alignment`` the op's
+    ``causal_alignment``; ``window_left`` (-1: none) the module's sliding window, which a
+    4-D mask must contain to be recognised.
     """
     if attention_mask is None:
-        return causal, None, None
+        # As sdpa with no mask: is_causal, top-left. One query (decoding) sees the cache's
+        # keys up to itself, i.e. its window is placed bottom-right.
+        return causal, ("bottom-right" if q_len == 1 else "top-left"), None, None
     if not isinstance(attention_mask, torch.Tensor):  # e.g. a flex-attention BlockMask
-        return causal, None, f"attention_mask of type {type(attention_mask).__name__}"
+        return causal, "top-left", None, f"attention_mask of type {type(attention_mask).__name__}"
     shape = tuple(attention_mask.shape)
     if attention_mask.dim() == 2:
-        # Our mask function's causal + key padding form (HF's flash-attention convention).
+        # Our mask function's causal + key padding form (HF's flash-attention convention:
+        # causal aligned bottom-right, the keys ending at the last query).
         if shape != (batch, k_len) or attention_mask.dtype != torch.bool:
-            return causal, None, (f"2-D attention_mask of shape {shape} and dtype {attention_mask.dtype} "
-                                  f"(expected ({batch}, {k_len}) bool)")
-        if q_len > 1 and q_len != k_len:
-            return causal, None, f"causal attention with {q_len} queries and {k_len} keys"
-        return q_len > 1, attention_mask, None
+            return causal, "top-left", None, (f"2-D attention_mask of shape {shape} and dtype "
+                                               f"{attention_mask.dtype} (expected ({batch}, {k_len}) bool)")
+        return q_len > 1, "bottom-right", attention_mask, None
     if attention_mask.dim() != 4:
-        return causal, None, f"{attention_mask.dim()}-D attention_mask of shape {shape}"
+        return causal, "top-left", None, f"{attention_mask.dim()}-D attention_mask of shape {shape}"
     allowed, reason = _allowed_positions(attention_mask)  # (b, h, q, k) bool
     if reason:
-        return causal, None, reason
+        return causal, "top-left", None, reason
     if allowed.shape[-1] != k_len or allowed.shape[0] not in (1, batch) or allowed.shape[2] not in (1, q_len):
-        return causal, None, f"attention_mask of shape {shape} does not broadcast to ({batch}, heads, {q_len}, {k_len})"
+        return causal, "top-left", None, (f"attention_mask of shape {shape} does not broadcast to ({batch}, heads, "
+                                          f"{q_len}, {k_len})")
     if allowed.shape[1] != 1:  # a per-head mask is fine if every head is the same
         if not bool((allowed == allowed[:, :1]).all()):
-            return causal, None, f"attention_mask of shape {shape} differs between heads"
+            return causal, "top-left", None, f"attention_mask of shape {shape} differs between heads"
         allowed = allowed[:, :1]
     allowed = allowed[:, 0]  # (b, q or 1, k)
     # An explicit mask decides causality on its own (sdpa ignores is_causal when given one).
     if allowed.shape[1] == 1 or q_len == 1:
-        # One mask row for every query: a plain key mask, whatever the module's causality.
-        return False, allowed[:, 0].expand(batch, k_len), None
-    key_mask = allowed[:, -1]  # (b, k): the last query row sees every key a causal mask allows
-    if bool((allowed == key_mask[:, None, :]).all()):
-        return False, key_mask.expand(batch, k_len), None
-    if q_len == k_len:
-        lower = torch.ones(q_len, k_len, dtype=torch.bool, device=allowed.device).tril()  # (q, k)
-        if bool((allowed == (key_mask[:, None, :] & lower)).all()):
-            return True, key_mask.expand(batch, k_len), None
-    return causal, None, (
-        f"attention_mask of shape {shape} is neither causal + key padding nor key padding only "
-        "(e.g. sliding window, packed sequences, kv-cache offsets or a custom mask)"
+        # One mask row for every query: a plain key mask, whatever the module's causality
+        # (with a sliding window, one query's window placed bottom-right).
+        return False, "bottom-right", allowed[:, 0].expand(batch, k_len), None
+    key_mask = allowed.any(dim=1)  # (b, k): a key no query may see is as good as padded
+    if window_left < 0 and bool((allowed == key_mask[:, None, :]).all()):
+        return False, "top-left", key_mask.expand(batch, k_len), None
+    alignments = ("top-left",) if q_len == k_len else ("bottom-right", "top-left")
+    for alignment in alignments:
+        shift = k_len - q_len if alignment == "bottom-right" else 0
+        diagonal = torch.arange(q_len, device=allowed.device)[:, None] + shift  # (q, 1)
+        key = torch.arange(k_len, device=allowed.device)[None, :]  # (1, k)
+        pattern = key <= diagonal
+        if window_left >= 0:
+            pattern = pattern & (key >= diagonal - window_left)
+        if bool((allowed == (key_mask[:, None, :] & pattern)).all()):
+            return True, alignment, key_mask.expand(batch, k_len), None
+    what = "causal (+ the module's sliding window)" if window_left >= 0 else "causal"
+    return causal, "top-left", None, (
+        f"attention_mask of shape {shape} is neither {what} + key padding nor key padding only "
+        "(e.g. packed sequences, chunked attention, a static cache's prefill or a custom mask)"
     )
 
 
@@ -269,37 +315,49 @@ def fastft_attention_forward(
         dropout: attention-probability dropout (HF passes 0 in eval mode).
         scaling: softmax scale (None = ``head_dim ** -0.5``).
         is_causal: overrides ``module.is_causal`` when given.
+        sliding_window (keyword): ``W``: each query sees itself and the ``W - 1`` keys
+            before it (Mistral, Gemma 2, Qwen 2: ``transformers``' flash-attention
+            convention); causal modules only.
+        softcap (keyword): attention logit soft-capping (Gemma 2's ``attn_logit_softcapping``).
 
     Returns:
         ``(attn_output (batch, q_len, heads, head_dim), None)``: the layout every HF
         attention function returns; attention weights are never materialised.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     batch, _, q_len, _ = query.shape
     k_len = key.shape[2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    module_causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     # One query (decoding) sees every cached key: causality is moot, as in sdpa.
-    causal = bool(causal) and q_len > 1
+    causal = module_causal and q_len > 1
 
     reason = _argument_reason(query, key, value, kwargs)
-    key_padding_mask = None
+    sliding_window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
+    window_left = -1
+    if reason is None and sliding_window is not None:
+        if not module_causal:
+            reason = f"a bidirectional sliding window (sliding_window={sliding_window!r})"
+        elif not isinstance(sliding_window, int) or sliding_window < 1:
+            reason = f"sliding_window={sliding_window!r} (expected a positive int)"
+        else:
+            window_left = sliding_window - 1  # HF: keys j with i - W < j <= i
+    if reason is None and softcap is not None and not (isinstance(softcap, (int, float)) and softcap >= 0):
+        reason = f"softcap={softcap!r} (expected a number >= 0)"
+    key_padding_mask, alignment = None, "top-left"
     if reason is None:
-        causal, key_padding_mask, reason = _mask_to_op_arguments(attention_mask, causal, batch, q_len, k_len)
-    if reason is None and causal and q_len != k_len:
-        reason = f"causal attention with {q_len} queries and {k_len} keys (kv-cache continuation)"
+        causal, alignment, key_padding_mask, reason = _mask_to_op_arguments(
+            attention_mask, causal, window_left, batch, q_len, k_len)
     if reason is not None:
         _record_fallback(reason)
-        return sdpa_attention_forward(
-            module, query, key, value, _as_sdpa_mask(attention_mask, q_len),
-            dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs,
-        )
+        return _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window_left, kwargs)
 
     from fastft.ops.attention import attention
 
     output = attention(
         query, key, value,
         causal=causal,
+        window=None if window_left < 0 else (window_left, -1),
+        causal_alignment=alignment,
+        softcap=softcap,
         key_padding_mask=key_padding_mask,
         softmax_scale=scaling,
         dropout_p=dropout,
@@ -322,11 +380,35 @@ def _argument_reason(query, key, value, kwargs) -> Optional[str]:
     return None
 
 
-def _as_sdpa_mask(attention_mask, q_len: int):
+def _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, window_left, kwargs):
+    """What the call runs when the op cannot: sdpa, or -- sdpa cannot soft-cap -- the model
+    family's own eager function when the call soft-caps (it takes an additive mask)."""
+    q_len = query.shape[2]
+    mask = _as_sdpa_mask(attention_mask, q_len, window_left)
+    if kwargs.get("softcap") is not None:
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is not None:
+            if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(query.dtype).min)
+            elif mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", True)):
+                mask = _as_sdpa_mask(torch.ones(query.shape[0], key.shape[2], dtype=torch.bool, device=query.device),
+                                     q_len, window_left)
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(query.dtype).min)
+            return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _as_sdpa_mask(attention_mask, q_len: int, window_left: int = -1):
     """The mask to hand ``sdpa_attention_forward`` on a fallback.
 
-    Only our 2-D causal + key padding form needs expanding; everything else (None, 4-D
-    masks, masks HF built for other patterns) already means the same thing to sdpa.
+    Only our 2-D causal + key padding form needs expanding (with the module's sliding
+    window); everything else (None, 4-D masks, masks HF built for other patterns) already
+    means the same thing to sdpa.
     """
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return attention_mask
@@ -335,6 +417,8 @@ def _as_sdpa_mask(attention_mask, q_len: int):
     query_pos = torch.arange(k_len - q_len, k_len, device=attention_mask.device)[:, None]  # (q, 1)
     key_pos = torch.arange(k_len, device=attention_mask.device)[None, :]  # (1, k)
     causal = key_pos <= query_pos  # (q, k)
+    if window_left >= 0:
+        causal = causal & (key_pos >= query_pos - window_left)
     return attention_mask.to(torch.bool)[:, None, None, :] & causal  # (batch, 1, q, k)
 
 
@@ -342,9 +426,22 @@ def _as_sdpa_mask(attention_mask, q_len: int):
 
 
 def register() -> None:
-    """Register ``"fastft"`` in ``transformers``' attention and mask interfaces (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    """Register ``"fastft"`` in ``transformers``' attention and mask interfaces (idempotent).
 
-    AttentionInterface.register(ATTENTION_NAME, fastft_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, fastft_attention_mask)
+    ``import fastft`` already arranges this for whenever transformers' modeling and masking
+    utilities load (``fastft/_transformers_hook.py``); calling it imports both now."""
+    from transformers import modeling_utils, masking_utils  # noqa: F401  (registered on their import)
+
+    register_loaded()
+
+
+def register_loaded() -> None:
+    """Register ``"fastft"`` in whichever of ``transformers``' two interfaces is already
+    imported (``AttentionInterface`` in ``transformers.modeling_utils``,
+    ``AttentionMaskInterface`` in ``transformers.masking_utils``), importing neither."""
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is not None and hasattr(modeling_utils, "AttentionInterface"):
+        modeling_utils.AttentionInterface.register(ATTENTION_NAME, fastft_attention_forward)
+    masking_utils = sys.modules.get("transformers.masking_utils")
+    if masking_utils is not None and hasattr(masking_utils, "AttentionMaskInterface"):
+        masking_utils.AttentionMaskInterface.register(ATTENTION_NAME, fastft_attention_mask)

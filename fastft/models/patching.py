@@ -10,10 +10,13 @@
   The returned output has ``loss`` and ``logits=None``: not building the
   ``(tokens, vocab)`` logits is the point.
 
-Both replacements are installed once, at patch time, as methods bound to the model and
-to the head (so ``copy.deepcopy`` of a patched model rebinds them to the copy); a call
-only flips a flag on a plain object, which ``torch.compile`` traces as an ordinary side
-effect (swapping a module's ``forward`` during the call would not be).
+Both replacements are installed once, at patch time, as small objects holding the model
+or the head (``_FusedLossForward``, ``_CapturingHeadForward``): ``copy.deepcopy`` of a
+patched model points the copies at the copy, and ``pickle`` / ``torch.save(model)``
+stores them by class and state, so an unpickled model is still patched (a bound method
+of a module function would be pickled as ``getattr(head, name)`` and fail to load); a
+call only flips a flag on a plain object, which ``torch.compile`` traces as an ordinary
+side effect (swapping a module's ``forward`` during the call would not be).
 """
 
 from __future__ import annotations
@@ -56,19 +59,25 @@ class _HeadCapture:
         self.inputs = []
 
 
-def _capturing_head_forward(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+class _CapturingHeadForward:
     """``head.forward`` while patched: ``F.linear`` as usual, or (..., H) -> empty (..., 0)."""
-    capture = head.__dict__[_CAPTURE_ATTR]
-    if not capture.active:
-        return type(head).forward(head, hidden)
-    capture.inputs.append(hidden)
-    return hidden.new_empty(*hidden.shape[:-1], 0)  # no logits
+
+    def __init__(self, head: torch.nn.Module):
+        self.head = head
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        capture = head.__dict__[_CAPTURE_ATTR]
+        if not capture.active:
+            return type(head).forward(head, hidden)
+        capture.inputs.append(hidden)
+        return hidden.new_empty(*hidden.shape[:-1], 0)  # no logits
 
 
 def _install_capture(head: torch.nn.Module) -> _HeadCapture:
     if _CAPTURE_ATTR not in head.__dict__:
         head.__dict__[_CAPTURE_ATTR] = _HeadCapture()
-        head.forward = types.MethodType(_capturing_head_forward, head)
+        head.forward = _CapturingHeadForward(head)
     return head.__dict__[_CAPTURE_ATTR]
 
 

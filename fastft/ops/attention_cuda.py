@@ -27,12 +27,14 @@ def reasons(
     key_padding_mask: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> list[str]:
     """Why the CUDA attention kernels cannot run these inputs (empty list when they can).
 
     The extension itself (built, bound, on a CUDA device the build fits), then what the
-    kernels support: fp16/bf16, a head_dim in ``HEAD_DIMS``, no varlen, no dropout, a bool
-    mask, compute capability >= 8.0. Shape errors are the op's to raise.
+    kernels support: fp16/bf16, a head_dim in ``HEAD_DIMS``, no varlen, no dropout, no
+    ALiBi, a bool mask, compute capability >= 8.0 (causal in either alignment, sliding
+    windows, softcap and the lse they run). Shape errors are the op's to raise.
     """
     tensors = [q, k, v] + ([key_padding_mask] if key_padding_mask is not None else [])
     found = _extension.reasons(tensors, "attention_forward", "attention_backward")
@@ -51,6 +53,8 @@ def reasons(
         found.append("variable-length batches (cu_seqlens) are not supported by the CUDA kernels")
     if dropout_p > 0.0:
         found.append(f"attention dropout (dropout_p={dropout_p}) is not supported by the CUDA kernels")
+    if alibi_slopes is not None:
+        found.append("ALiBi slopes are not supported by the CUDA kernels")
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         found.append(f"key_padding_mask must be bool, got {key_padding_mask.dtype}")
     if all(t.is_cuda for t in tensors):
@@ -116,6 +120,23 @@ def _attention_mask_bytes(key_padding_mask: Optional[torch.Tensor]) -> tuple[Opt
     return mask, mask.stride(0)
 
 
+def _window(causal: bool, window: tuple[int, int]) -> tuple[int, int]:
+    """(left, right) with causal folded in (right capped at 0); -1 = unbounded."""
+    left, right = int(window[0]), int(window[1])
+    if left < -1 or right < -1:
+        raise ValueError(f"window sides must be >= -1 (-1: unbounded), got {window}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _softcap(softcap: float) -> float:
+    softcap = float(softcap or 0.0)
+    if not (math.isfinite(softcap) and softcap >= 0.0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0: off), got {softcap}")
+    return softcap
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,6 +144,10 @@ def attention_forward(
     causal: bool,
     key_padding_mask: Optional[torch.Tensor],
     softmax_scale: float,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    bottom_right: bool = False,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention-2 forward on the current CUDA stream.
 
@@ -130,20 +155,28 @@ def attention_forward(
         q: ``(B, Hq, Sq, D)`` fp16 / bf16, D in ``HEAD_DIMS``.
         k, v: ``(B, Hkv, Sk, D)``, same dtype; ``Hq % Hkv == 0`` (query head h reads k/v
             head ``h // (Hq // Hkv)``: grouped-query / multi-query attention).
-        causal: query i attends keys ``j <= i`` (top-left aligned, like SDPA's is_causal).
+        causal: query i attends keys ``j <= i + shift`` (``shift = 0``: top-left aligned,
+            like SDPA's is_causal; ``Sk - Sq`` with ``bottom_right``).
         key_padding_mask: ``(B, Sk)`` bool, True = attend, or None.
         softmax_scale: multiplies ``q @ k^T`` before the softmax.
+        window: ``(left, right)``: query i attends keys ``[i + shift - left, i + shift +
+            right]`` (-1: unbounded; with causal, right is 0). Key blocks outside are skipped.
+        bottom_right: align the diagonal bottom-right (``shift = Sk - Sq``).
+        softcap: ``c > 0`` caps the scaled scores at ``c · tanh(s / c)`` (the GPU's
+            ``tanh.approx``, as FlashAttention); 0: off.
 
     Returns:
         ``out`` ``(B, Hq, Sq, D)`` (contiguous, dtype of q) and ``lse`` ``(B, Hq, Sq)`` fp32,
-        the natural-log log-sum-exp of the scaled, masked scores. Rows with no allowed key
-        get ``out = 0`` and ``lse = -inf``.
+        the natural-log log-sum-exp of the scaled, soft-capped, masked scores. Rows with no
+        allowed key get ``out = 0`` and ``lse = -inf``.
 
     Raises:
         ValueError / TypeError: inputs the kernels cannot take (device, dtype, shapes).
         RuntimeError: a failed launch (from the extension).
     """
     batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim = _check_attention_tensors(q, k, v, key_padding_mask)
+    window_left, window_right = _window(causal, window)
+    softcap = _softcap(softcap)
     out = torch.empty((batch, heads_q, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -158,7 +191,8 @@ def attention_forward(
             key_padding_mask=pointer(mask), mask_batch_stride=mask_stride,
             batch=batch, heads_q=heads_q, heads_kv=heads_kv, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
             head_dim=head_dim, q_strides=_strides3(q), k_strides=_strides3(k), v_strides=_strides3(v),
-            out_strides=_strides3(out), causal=bool(causal), softmax_scale=float(softmax_scale),
+            out_strides=_strides3(out), window_left=window_left, window_right=window_right,
+            bottom_right=bool(bottom_right), softcap=softcap, softmax_scale=float(softmax_scale),
             dtype=DTYPE_CODES[q.dtype], stream=stream_handle(q.device),
         )
     return out, lse
@@ -174,13 +208,20 @@ def attention_backward(
     causal: bool,
     key_padding_mask: Optional[torch.Tensor],
     softmax_scale: float,
+    *,
+    window: tuple[int, int] = (-1, -1),
+    bottom_right: bool = False,
+    softcap: float = 0.0,
+    grad_lse: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention-2 backward on the current CUDA stream.
 
     Args:
         grad_out: ``(B, Hq, Sq, D)`` gradient of ``out``, dtype of q.
-        q, k, v, causal, key_padding_mask, softmax_scale: as given to ``attention_forward``.
+        q, k, v, causal, key_padding_mask, softmax_scale, window, bottom_right, softcap: as
+            given to ``attention_forward``.
         out, lse: what ``attention_forward`` returned for them.
+        grad_lse: ``(B, Hq, Sq)`` gradient of ``lse`` when the caller used it, or None.
 
     Returns:
         ``(dq, dk, dv)``: dq ``(B, Hq, Sq, D)``; dk, dv ``(B, Hkv, Sk, D)`` summed over the
@@ -199,6 +240,13 @@ def attention_backward(
     check_cuda_tensor("lse", lse, dtype=torch.float32, device=q.device)
     if lse.shape != (batch, heads_q, seqlen_q):
         raise ValueError(f"lse must have shape {(batch, heads_q, seqlen_q)}, got {tuple(lse.shape)}")
+    if grad_lse is not None:
+        check_cuda_tensor("grad_lse", grad_lse, dtype=torch.float32, contiguous=False, device=q.device)
+        if grad_lse.shape != lse.shape:
+            raise ValueError(f"grad_lse must have lse's shape {tuple(lse.shape)}, got {tuple(grad_lse.shape)}")
+        grad_lse = grad_lse.contiguous()  # read as contiguous (B, Hq, Sq)
+    window_left, window_right = _window(causal, window)
+    softcap = _softcap(softcap)
     grad_q = torch.empty((batch, heads_q, seqlen_q, head_dim), dtype=q.dtype, device=q.device)
     grad_k = torch.empty((batch, heads_kv, seqlen_k, head_dim), dtype=q.dtype, device=q.device)
     grad_v = torch.empty_like(grad_k)
@@ -213,11 +261,12 @@ def attention_backward(
             grad_out=grad_out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
             lse=lse.data_ptr(), delta=delta.data_ptr(), grad_q_accum=grad_q_accum.data_ptr(),
             grad_q=grad_q.data_ptr(), grad_k=grad_k.data_ptr(), grad_v=grad_v.data_ptr(),
-            key_padding_mask=pointer(mask), mask_batch_stride=mask_stride,
+            grad_lse=pointer(grad_lse), key_padding_mask=pointer(mask), mask_batch_stride=mask_stride,
             batch=batch, heads_q=heads_q, heads_kv=heads_kv, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
             head_dim=head_dim, grad_out_strides=_strides3(grad_out), q_strides=_strides3(q),
             k_strides=_strides3(k), v_strides=_strides3(v), out_strides=_strides3(out),
-            grad_k_strides=_strides3(grad_k), grad_v_strides=_strides3(grad_v), causal=bool(causal),
+            grad_k_strides=_strides3(grad_k), grad_v_strides=_strides3(grad_v), window_left=window_left,
+            window_right=window_right, bottom_right=bool(bottom_right), softcap=softcap,
             softmax_scale=float(softmax_scale), dtype=DTYPE_CODES[q.dtype], stream=stream_handle(q.device),
         )
     return grad_q, grad_k, grad_v

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn as nn
 
@@ -48,12 +46,27 @@ def _fast_path_weights(layer, x: torch.Tensor, args: tuple, kwargs: dict):
             lora_b.weight.to(dtype), float(layer.scaling[name]), dropout_p)
 
 
-def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    fused = _fast_path_weights(self, x, args, kwargs)
-    if fused is None:
-        return self._fastft_original_forward(x, *args, **kwargs)
-    weight, bias, lora_a, lora_b, scaling, dropout_p = fused
-    return lora_linear(x.to(weight.dtype), weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p)
+class _FusedForward:
+    """A PEFT LoRA layer's ``forward`` once accelerated: ``lora_linear`` when the call can
+    take the fused path, else the forward it had before (the class's, or an instance-level
+    one that was there already). An object holding the layer rather than a bound method,
+    so that ``pickle`` / ``torch.save(model)`` store it by class and state (a bound method
+    of a module function pickles as ``getattr(layer, name)``, which fails on load) and
+    ``copy.deepcopy`` points the copy's forward at the copied layer."""
+
+    def __init__(self, layer: nn.Module, previous=None):
+        self.layer = layer
+        self.previous = previous  # an instance-level forward the layer had, or None
+
+    def original(self):
+        return self.previous if self.previous is not None else type(self.layer).forward.__get__(self.layer)
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = _fast_path_weights(self.layer, x, args, kwargs)
+        if fused is None:
+            return self.original()(x, *args, **kwargs)
+        weight, bias, lora_a, lora_b, scaling, dropout_p = fused
+        return lora_linear(x.to(weight.dtype), weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p)
 
 
 def accelerate(peft_model: nn.Module) -> nn.Module:
@@ -80,8 +93,7 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError(f"{type(peft_model).__name__} has no PEFT LoRA Linear layers to accelerate")
     for layer in layers:
-        if "_fastft_original_forward" in layer.__dict__:
+        if isinstance(layer.__dict__.get("forward"), _FusedForward):
             continue
-        layer._fastft_original_forward = layer.forward  # the bound class method
-        layer.forward = types.MethodType(_fused_forward, layer)
+        layer.forward = _FusedForward(layer, layer.__dict__.get("forward"))
     return peft_model
