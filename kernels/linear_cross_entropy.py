@@ -185,6 +185,17 @@ def _logits_tile(
     return logits
 
 
+@triton.jit
+def _softcap(logits, softcap):
+    """``softcap * tanh(logits / softcap)`` (Gemma 2 final-logit softcapping), with tanh
+    from exp2 (tanh(|x|) = (1 - 2^(-2|x| log2 e)) / (1 + ...), no overflow), portable
+    across triton versions and the interpreter."""
+    x = logits / softcap
+    t = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))
+    tanh_abs = (1.0 - t) / (1.0 + t)
+    return softcap * tl.where(x < 0.0, -tanh_abs, tanh_abs)
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=["V", "H", "M_BUCKET"],
                  prune_configs_by={"early_config_prune": _configs_for_dtype})
 @triton.jit
@@ -193,10 +204,14 @@ def _linear_cross_entropy_fwd_kernel(
     SplitLse,  # (M, num_splits) fp32 out: log-sum-exp of the logits of each split
     SplitLogitSum,  # (M, num_splits) fp32 out: sum of the logits of each split (smoothing only)
     TargetLogit,  # (M,) fp32 out: z[row, label[row]], written by the split holding the label
+    ClassWeights,  # (V,) fp32 class weights (smoothing sums w_j z_j), or dummy
+    SplitMax, SplitArgmax,  # (M, num_splits) fp32 / int32 out: each split's max (log2 units) and its first column
     M, V, H, M_BUCKET,  # M_BUCKET (power of two of M) only keys the autotuner
     split_size,  # columns per split, a multiple of VOCAB_SPLIT_ALIGN
+    softcap,  # final-logit softcap (HAS_SOFTCAP)
     stride_hm, stride_hh, stride_wv, stride_wh, stride_b, stride_split,
     HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_CLASS_WEIGHTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WANT_ARGMAX: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -216,19 +231,30 @@ def _linear_cross_entropy_fwd_kernel(
     running_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # s2, relative to m2
     target = tl.zeros((BLOCK_M,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    best_col = tl.zeros((BLOCK_M,), dtype=tl.int32)  # argmax so far (first column of the max)
     for v_start in range(split_start, split_end, BLOCK_V):
         cols = v_start + tl.arange(0, BLOCK_V)  # (BV,)
         col_mask = cols < split_end
         logits = _logits_tile(Hidden, Weight, Bias, rows, cols, row_mask, col_mask, H,
                               stride_hm, stride_hh, stride_wv, stride_wh, stride_b,
                               HAS_BIAS, UPCAST_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)  # (BM, BV)
+        if HAS_SOFTCAP:
+            logits = _softcap(logits, softcap)
         # The target logit: exactly one column of one tile of one split matches each label.
         target += tl.sum(tl.where(cols[None, :] == labels[:, None], logits, 0.0), axis=1)
-        if HAS_SMOOTHING:  # smoothed loss needs mean_j z_j: sum every valid logit
-            logit_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
+        if HAS_SMOOTHING:  # smoothed loss needs mean_j z_j (sum_j w_j z_j with class weights)
+            if HAS_CLASS_WEIGHTS:
+                class_weights = tl.load(ClassWeights + cols, mask=col_mask, other=0.0)  # (BV,)
+                logit_sum += tl.sum(tl.where(col_mask[None, :], logits * class_weights[None, :], 0.0), axis=1)
+            else:
+                logit_sum += tl.sum(tl.where(col_mask[None, :], logits, 0.0), axis=1)
         # Padding columns must not count in the softmax: -inf becomes 2^-inf = 0 below.
         logits2 = tl.where(col_mask[None, :], logits * LOG2E, float("-inf"))  # (BM, BV) z2
-        new_max = tl.maximum(running_max, tl.max(logits2, axis=1))
+        tile_max = tl.max(logits2, axis=1)
+        if WANT_ARGMAX:  # the tile's first column holding its max replaces the argmax if strictly larger
+            tile_col = tl.min(tl.where(logits2 == tile_max[:, None], cols[None, :], V), axis=1)
+            best_col = tl.where(tile_max > running_max, tile_col, best_col)
+        new_max = tl.maximum(running_max, tile_max)
         # Rescale the old sum to the new max, then add this tile relative to the new max:
         # every exponent is <= 0, so nothing overflows whatever the logits' magnitude.
         running_sum = running_sum * tl.exp2(running_max - new_max) + \
@@ -240,6 +266,9 @@ def _linear_cross_entropy_fwd_kernel(
     tl.store(SplitLse + out_offsets, split_lse, mask=row_mask)
     if HAS_SMOOTHING:
         tl.store(SplitLogitSum + out_offsets, logit_sum, mask=row_mask)
+    if WANT_ARGMAX:
+        tl.store(SplitMax + out_offsets, running_max, mask=row_mask)
+        tl.store(SplitArgmax + out_offsets, best_col, mask=row_mask)
     # Only the split that owns the label writes the target: no atomics, no partials.
     owns_label = (labels >= split_start) & (labels < split_end)
     tl.store(TargetLogit + rows, target, mask=row_mask & owns_label)
@@ -253,12 +282,15 @@ def _linear_cross_entropy_fwd_kernel(
 @triton.jit
 def _linear_cross_entropy_bwd_kernel(
     Hidden, Weight, Bias, Labels,  # (M, H), (V, H), (V,) or dummy, (M,) int32/int64
-    Lse, RowScale,  # (M,) fp32: log-sum-exp from the forward, d(total)/d(loss[row])
+    Lse,  # (M,) fp32: log-sum-exp from the forward
+    CoefSoftmax, CoefTarget, CoefSmooth,  # (M,) fp32: dz_j = a p_j - b [j == y] - c w_j (host: _row_coefficients)
+    ClassWeights,  # (V,) fp32 class weights, or dummy
     GradHidden, GradWeight, GradBias,  # (M, H), (V, H), (V,) fp32, zero-initialised, or dummies
     M, V, H, M_BUCKET,
-    label_smoothing,
+    softcap,
     stride_hm, stride_hh, stride_wv, stride_wh, stride_b,
     HAS_BIAS: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_CLASS_WEIGHTS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
     UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -275,34 +307,46 @@ def _linear_cross_entropy_bwd_kernel(
     logits = _logits_tile(Hidden, Weight, Bias, rows, cols, row_mask, col_mask, H,
                           stride_hm, stride_hh, stride_wv, stride_wh, stride_b,
                           HAS_BIAS, UPCAST_DOT, INPUT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_H)  # (BM, BV)
+    if HAS_SOFTCAP:
+        logits = _softcap(logits, softcap)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)  # (BM,)
-    row_scale = tl.load(RowScale + rows, mask=row_mask, other=0.0)  # (BM,)
+    coef_softmax = tl.load(CoefSoftmax + rows, mask=row_mask, other=0.0)  # (BM,)
+    coef_target = tl.load(CoefTarget + rows, mask=row_mask, other=0.0)  # (BM,)
     labels = tl.load(Labels + rows, mask=row_mask, other=-1).to(tl.int32)  # (BM,)
 
     # softmax = exp(z - lse) from the saved lse: exponents are <= 0 up to rounding (the
     # forward built lse from these very logits), so no max pass and no overflow.
     probs = tl.exp2((logits - lse[:, None]) * LOG2E)  # (BM, BV)
-    # d loss / d z_j = softmax_j - (1-e) [j == y] - e/V  (smoothed cross-entropy).
+    # d total / d z_j = a p_j - b [j == y] - c w_j, the row scale included: plain smoothed
+    # cross-entropy has a = s, b = s (1-e), c = s e / V, w = 1 (general form: the host's
+    # _row_coefficients, fastft.ops.linear_cross_entropy.RowsExtras).
     is_target = cols[None, :] == labels[:, None]
-    dlogits = probs - tl.where(is_target, 1.0 - label_smoothing, 0.0)
+    dlogits = coef_softmax[:, None] * probs - tl.where(is_target, coef_target[:, None], 0.0)
     if HAS_SMOOTHING:
-        dlogits -= label_smoothing / V
+        coef_smooth = tl.load(CoefSmooth + rows, mask=row_mask, other=0.0)  # (BM,)
+        if HAS_CLASS_WEIGHTS:
+            class_weights = tl.load(ClassWeights + cols, mask=col_mask, other=0.0)  # (BV,)
+            dlogits -= coef_smooth[:, None] * class_weights[None, :]
+        else:
+            dlogits -= coef_smooth[:, None]
+    if HAS_SOFTCAP:  # through z = c tanh(u / c): dz/du = 1 - (z / c)^2
+        capped = logits / softcap
+        dlogits *= 1.0 - capped * capped
     # Padding rows/columns contribute nothing (their logits are garbage, not -inf).
     dlogits = tl.where(row_mask[:, None] & col_mask[None, :], dlogits, 0.0)
 
-    if GRAD_BIAS:  # d/d bias_j = sum over rows of row_scale * dlogits: fp32, no dot
-        bias_grad = tl.sum(dlogits * row_scale[:, None], axis=0)  # (BV,)
+    if GRAD_BIAS:  # d/d bias_j = sum over rows of dlogits: fp32, no dot
+        bias_grad = tl.sum(dlogits, axis=0)  # (BV,)
         tl.atomic_add(GradBias + cols, bias_grad, mask=col_mask, sem="relaxed")
 
     if GRAD_HIDDEN or GRAD_WEIGHT:
-        # The matmuls take dlogits in the input dtype (16-bit tensor cores) with the row
-        # scale split in two: a per-row ratio in [-1, 1] applied before rounding, and the
-        # block's largest |row_scale| applied to the fp32 products afterwards. A mean
-        # over N rows scales by 1/N, which would push fp16 dlogits (min normal 6.1e-5)
-        # into subnormals; with a uniform scale (mean / sum) the ratio is exactly 1.
-        block_scale = tl.max(tl.abs(row_scale), axis=0)
+        # The matmuls take dlogits in the input dtype (16-bit tensor cores) divided by the
+        # block's largest row coefficient, which multiplies the fp32 products afterwards: a
+        # mean over N rows scales by 1/N, which would push fp16 dlogits (min normal 6.1e-5)
+        # into subnormals; divided, they are O(softmax) again.
+        block_scale = tl.max(tl.maximum(tl.abs(coef_softmax), tl.abs(coef_target)), axis=0)
         block_scale = tl.where(block_scale > 0.0, block_scale, 1.0)
-        dlogits_dot = (dlogits * (row_scale / block_scale)[:, None]).to(Hidden.dtype.element_ty)  # (BM, BV)
+        dlogits_dot = (dlogits / block_scale).to(Hidden.dtype.element_ty)  # (BM, BV)
         if UPCAST_DOT:  # interpreter: round like the GPU path, then dot in fp32 (exact)
             dlogits_dot = dlogits_dot.to(tl.float32)
         offs_h = tl.arange(0, BLOCK_H)
@@ -381,8 +425,13 @@ def _m_bucket(num_rows: int) -> int:
     return min(triton.next_power_of_2(num_rows), 1 << 16)
 
 
-def _forward(hidden, weight, bias, labels, label_smoothing):
-    """Per-row log-sum-exp and loss, both (M,) fp32."""
+def _forward(hidden, weight, bias, labels, label_smoothing, class_weights=None, target_weight=None, softcap=0.0,
+             want_argmax=False):
+    """Per-row log-sum-exp, loss and (``want_argmax``) argmax: (M,) fp32, fp32, int64 | None.
+
+    With class weights (``class_weights`` (V,) fp32, ``target_weight`` = their values at
+    the labels) the loss is F.cross_entropy's weighted one (RowsExtras in
+    fastft/ops/linear_cross_entropy.py)."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     split_size, num_splits = _vocab_split(num_rows, vocab, hidden.device)
@@ -390,30 +439,62 @@ def _forward(hidden, weight, bias, labels, label_smoothing):
     split_lse = torch.empty(num_rows, num_splits, **f32)
     has_smoothing = label_smoothing > 0.0
     split_logit_sum = torch.empty(num_rows, num_splits, **f32) if has_smoothing else split_lse  # dummy when unused
+    split_max = torch.empty(num_rows, num_splits, **f32) if want_argmax else split_lse
+    split_argmax = (torch.empty(num_rows, num_splits, dtype=torch.int32, device=hidden.device) if want_argmax
+                    else split_lse)
     target_logit = torch.empty(num_rows, **f32)
     bias_arg = bias if bias is not None else weight  # never read when HAS_BIAS is False
     grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), num_splits)  # noqa: E731
     _linear_cross_entropy_fwd_kernel[grid](
         hidden, weight, bias_arg, labels,
         split_lse, split_logit_sum, target_logit,
+        class_weights if class_weights is not None else split_lse, split_max, split_argmax,
         num_rows, vocab, hidden_size, _m_bucket(num_rows),
-        split_size,
+        split_size, float(softcap),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0, split_lse.stride(0),
         HAS_BIAS=bias is not None, HAS_SMOOTHING=has_smoothing,
+        HAS_CLASS_WEIGHTS=class_weights is not None, HAS_SOFTCAP=bool(softcap), WANT_ARGMAX=bool(want_argmax),
         UPCAST_DOT=INTERPRETING, INPUT_PRECISION=_input_precision(hidden.dtype),
     )
     # Merge the splits: lse = log sum_s exp(lse_s), stable in torch.logsumexp.
     lse = torch.logsumexp(split_lse, dim=1)  # (M,)
-    # Smoothed cross-entropy: (1-e)(lse - z_y) + e(lse - mean_j z_j).
-    loss = lse - (1.0 - label_smoothing) * target_logit
-    if has_smoothing:
-        loss -= (label_smoothing / vocab) * split_logit_sum.sum(dim=1)
-    return lse, loss
+    if class_weights is None:
+        # Smoothed cross-entropy: (1-e)(lse - z_y) + e(lse - mean_j z_j).
+        loss = lse - (1.0 - label_smoothing) * target_logit
+        if has_smoothing:
+            loss -= (label_smoothing / vocab) * split_logit_sum.sum(dim=1)
+    else:
+        # Weighted: (1-e) w_y (lse - z_y) + (e/V) (S lse - sum_j w_j z_j), as F.cross_entropy.
+        loss = (1.0 - label_smoothing) * target_weight * (lse - target_logit)
+        if has_smoothing:
+            loss += (label_smoothing / vocab) * (class_weights.sum() * lse - split_logit_sum.sum(dim=1))
+    argmax = None
+    if want_argmax:  # the first split holding the row's max (torch.argmax: first occurrence), then its column
+        best_split = split_max.argmax(dim=1, keepdim=True)
+        argmax = split_argmax.gather(1, best_split).squeeze(1).long()
+    return lse, loss, argmax
 
 
-def _backward(hidden, weight, bias, labels, label_smoothing, lse, row_scale, grad_mask):
-    """fp32 gradients of sum(row_scale * loss) for the inputs selected by grad_mask."""
+def _row_coefficients(lse, row_scale, label_smoothing, vocab, target_weight, weight_total, z_row_scale):
+    """(a, b, c) per row, (M,) fp32 each, with d total / d z_j = a p_j - b [j == y] - c w_j
+    the gradient of ``sum(row_scale * loss + z_row_scale * lse**2)`` (RowsExtras)."""
+    row_scale = row_scale.float()
+    if target_weight is None:
+        coef_softmax = row_scale
+        coef_target = row_scale * (1.0 - label_smoothing)
+    else:
+        coef_softmax = row_scale * ((1.0 - label_smoothing) * target_weight + label_smoothing * weight_total / vocab)
+        coef_target = row_scale * ((1.0 - label_smoothing) * target_weight)
+    if z_row_scale is not None:
+        coef_softmax = coef_softmax + 2.0 * z_row_scale.float() * lse
+    coef_smooth = row_scale * (label_smoothing / vocab)
+    return coef_softmax.contiguous(), coef_target.contiguous(), coef_smooth.contiguous()
+
+
+def _backward(hidden, weight, bias, labels, label_smoothing, lse, row_scale, grad_mask, class_weights=None,
+              target_weight=None, softcap=0.0, z_row_scale=None):
+    """fp32 gradients of sum(row_scale * loss + z_row_scale * lse**2) for the inputs selected by grad_mask."""
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -422,6 +503,9 @@ def _backward(hidden, weight, bias, labels, label_smoothing, lse, row_scale, gra
     if not (want_hidden or want_weight or want_bias):
         return None, None, None
     dummy = torch.empty(1, **f32)  # stands for a gradient the kernel never touches
+    weight_total = class_weights.sum() if class_weights is not None else None
+    coef_softmax, coef_target, coef_smooth = _row_coefficients(
+        lse, row_scale, label_smoothing, vocab, target_weight, weight_total, z_row_scale)
     # The kernel adds partial sums with atomics: the outputs start at zero.
     grad_hidden = torch.zeros(num_rows, hidden_size, **f32) if want_hidden else None
     grad_weight = torch.zeros(vocab, hidden_size, **f32) if want_weight else None
@@ -429,21 +513,23 @@ def _backward(hidden, weight, bias, labels, label_smoothing, lse, row_scale, gra
     grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]), triton.cdiv(vocab, meta["BLOCK_V"]))  # noqa: E731
     _linear_cross_entropy_bwd_kernel[grid](
         hidden, weight, bias if bias is not None else weight, labels,
-        lse, row_scale.float().contiguous(),
+        lse, coef_softmax, coef_target, coef_smooth,
+        class_weights if class_weights is not None else dummy,
         grad_hidden if want_hidden else dummy, grad_weight if want_weight else dummy,
         grad_bias if want_bias else dummy,
         num_rows, vocab, hidden_size, _m_bucket(num_rows),
-        float(label_smoothing),
+        float(softcap),
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None, HAS_SMOOTHING=label_smoothing > 0.0,
+        HAS_CLASS_WEIGHTS=class_weights is not None, HAS_SOFTCAP=bool(softcap),
         GRAD_HIDDEN=want_hidden, GRAD_WEIGHT=want_weight, GRAD_BIAS=want_bias,
         UPCAST_DOT=INTERPRETING, INPUT_PRECISION=_input_precision(hidden.dtype),
     )
     return grad_hidden, grad_weight, grad_bias
 
 
-def linear_cross_entropy_rows(hidden, weight, bias, labels, label_smoothing, row_scale, grad_mask):
+def linear_cross_entropy_rows(hidden, weight, bias, labels, label_smoothing, row_scale, grad_mask, extras=None):
     """Loss (and gradients) of the labelled rows, fused in Triton.
 
     Args:
@@ -456,18 +542,33 @@ def linear_cross_entropy_rows(hidden, weight, bias, labels, label_smoothing, row
         row_scale: (M,) fp32 weights of each row's loss in the total whose gradient is
             wanted, or None for the loss only.
         grad_mask: [hidden, weight, bias] booleans: which gradients to compute.
+        extras: optional ``RowsExtras`` (fastft/ops/linear_cross_entropy.py): class
+            weights, softcap, z-loss row scale, argmax wanted.
 
     Returns:
         (loss (M,) fp32, grad_hidden (M, H) fp32 | None, grad_weight (V, H) fp32 | None,
-        grad_bias (V,) fp32 | None); the gradients are those of ``sum(row_scale * loss)``,
-        None where ``row_scale`` is None or the grad_mask entry is False (or bias is None).
+        grad_bias (V,) fp32 | None); the gradients are those of ``sum(row_scale * loss)``
+        (``+ z_row_scale * lse**2`` with extras), None where ``row_scale`` is None or the
+        grad_mask entry is False (or bias is None). With ``extras`` two more values follow:
+        lse (M,) fp32 and argmax (M,) int64 (None unless ``extras.want_argmax``).
     """
     labels = labels.contiguous()  # a no-op for the gathered rows the op passes
+    class_weights = target_weight = z_row_scale = None
+    softcap, want_argmax = 0.0, False
+    if extras is not None:
+        softcap, z_row_scale, want_argmax = extras.softcap, extras.z_row_scale, extras.want_argmax
+        if extras.class_weights is not None:
+            class_weights = extras.class_weights.float().contiguous()
+            target_weight = class_weights[labels]
     device_guard = torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext()
     with device_guard:  # triton launches on the current device: make it the tensors' one
-        lse, loss = _forward(hidden, weight, bias, labels, label_smoothing)
-        if row_scale is None:
-            return loss, None, None, None
-        grad_hidden, grad_weight, grad_bias = _backward(hidden, weight, bias, labels, label_smoothing,
-                                                        lse, row_scale, grad_mask)
-    return loss, grad_hidden, grad_weight, grad_bias
+        lse, loss, argmax = _forward(hidden, weight, bias, labels, label_smoothing, class_weights, target_weight,
+                                     softcap, want_argmax)
+        grad_hidden = grad_weight = grad_bias = None
+        if row_scale is not None:
+            grad_hidden, grad_weight, grad_bias = _backward(
+                hidden, weight, bias, labels, label_smoothing, lse, row_scale, grad_mask, class_weights,
+                target_weight, softcap, z_row_scale)
+    if extras is None:
+        return loss, grad_hidden, grad_weight, grad_bias
+    return loss, grad_hidden, grad_weight, grad_bias, lse, argmax

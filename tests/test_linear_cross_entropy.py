@@ -9,6 +9,8 @@ function) are also tested directly on a GPU (marker ``gpu``); their tensor check
 refusal reasons run on the CPU.
 """
 
+import importlib
+import math
 import os
 import subprocess
 import sys
@@ -21,9 +23,10 @@ from _cuda_stand_in import cuda_tensor, stand_in_gpu
 from _tolerance import assert_tolerance_rule
 
 from fastft.ops import linear_cross_entropy, linear_cross_entropy_cuda, linear_cross_entropy_ref
-from fastft.ops.linear_cross_entropy import _rows_torch, backend_reasons
+from fastft.ops.linear_cross_entropy import LossOutput, _rows_torch, backend_reasons
 from fastft.ops.linear_cross_entropy_cuda import linear_cross_entropy_rows, linear_cross_entropy_softmax_grad
 
+LCE_MODULE = importlib.import_module("fastft.ops.linear_cross_entropy")  # fastft.ops.linear_cross_entropy is the function
 BACKENDS = [
     pytest.param("torch", id="torch"),
     pytest.param("triton", id="triton", marks=pytest.mark.interpret),
@@ -215,7 +218,7 @@ def test_opcheck():
         # grad_mask says which inputs require grad, as the public function derives it
         h, w, b = (t.detach().requires_grad_(need) for t, need in zip((hidden, weight, bias), grad_mask))
         torch.library.opcheck(op, (h.reshape(-1, 8), w, b, labels.reshape(-1), -100, reduction, 0.1, "torch", grad_mask,
-                                   "ieee"))
+                                   "ieee", None, 0.0, 0.0, False, False))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -563,3 +566,291 @@ def test_gpu_fp16_gradients_of_a_mean_do_not_underflow(backend):
     if backend_reasons(probe, probe)[backend]():
         pytest.skip(f"{backend}: " + "; ".join(backend_reasons(probe, probe)[backend]()))
     check_fp16_mean_gradients(backend, "cuda", rows=2458, hidden_size=768)
+
+
+# --------------------------------------------------------------------------- loss options (issue 17)
+# class_weights, softcap, z-loss (lse_square_scale / return_z_loss) and return_accuracy,
+# on the torch backend and Triton (interpreter), against materialised logits +
+# F.cross_entropy in float64 with the tolerance rule (the plain-torch baseline is the same
+# reference in fp32). The CUDA backend refuses them (auto skips it).
+
+LOSS_BACKENDS = BACKENDS[:2]
+OPTION_SETS = {
+    "softcap": dict(softcap=2.0),
+    "zloss": dict(lse_square_scale=1e-2, return_z_loss=True),
+    "weights": dict(class_weights="random"),
+    "weights+smoothing": dict(class_weights="random", label_smoothing=0.1),
+    "accuracy": dict(return_accuracy=True),
+    "all": dict(class_weights="random", label_smoothing=0.1, softcap=3.0, lse_square_scale=1e-2,
+                return_z_loss=True, return_accuracy=True),
+}
+
+
+def run_options(fn, hidden, weight, bias, labels, reduction, **kwargs):
+    """[loss, z_loss, accuracy, grad_hidden, grad_weight, grad_bias] of ``fn`` (z_loss /
+    accuracy None when not asked); the gradients of a random projection of the loss."""
+    inputs = [t for t in (hidden, weight, bias) if t is not None]
+    out = fn(hidden, weight, labels, bias=bias, reduction=reduction, **kwargs)
+    out = out if isinstance(out, LossOutput) else LossOutput(out)
+    upstream = torch.randn(out.loss.shape, generator=torch.Generator().manual_seed(1)).to(out.loss.device)
+    grads = list(torch.autograd.grad((out.loss * upstream.to(out.loss.dtype)).sum(), inputs))
+    grads += [None] * (3 - len(grads))
+    return [out.loss.detach(), out.z_loss, out.accuracy] + grads
+
+
+def check_options(backend, reduction, rows, hidden_size, vocab, *, bias=True, ignored="some", dtype=torch.float32,
+                  **options):
+    device = device_for(backend)
+    hidden, weight, b, labels = make_inputs(rows, hidden_size, vocab, dtype, device, bias=bias, ignored=ignored)
+    if options.get("class_weights") == "random":
+        options["class_weights"] = torch.rand(vocab, device=device) * 2 + 0.05
+    fused = run_options(lambda *a, **k: linear_cross_entropy(*a, backend=backend, **k), hidden, weight, b, labels,
+                        reduction, **options)
+    leaves64 = [None if t is None else t.detach().double().requires_grad_() for t in (hidden, weight, b)]
+    options64 = {**options, "class_weights": None if options.get("class_weights") is None
+                 else options["class_weights"].double()}
+    reference = run_options(linear_cross_entropy_ref, *leaves64[:2], leaves64[2], labels, reduction, **options64)
+    plain = run_options(lambda *a, **k: linear_cross_entropy_ref(*a, upcast=False, **k), hidden, weight, b, labels,
+                        reduction, **options)
+    what = f"{backend}/{dtype}/{reduction}/{sorted(options)}"
+    names = ["loss", "z_loss", "accuracy", "grad_hidden", "grad_weight", "grad_bias"]
+    for name, f, r, p in zip(names, fused, reference, plain):
+        if r is None:
+            assert f is None, f"{what}: {name} returned but not asked for"
+            continue
+        if name == "accuracy":  # argmax == label of the materialised logits: exactly
+            assert f.dtype == (torch.bool if reduction == "none" else torch.float32), f.dtype
+            assert f.shape == r.shape and (torch.equal(f, r) if reduction == "none" else
+                                           (math.isnan(f) and math.isnan(r)) or abs(f.item() - r.item()) < 1e-6), \
+                f"{what}: accuracy {f} != {r}"
+            continue
+        assert f.dtype == torch.float32 if name in ("loss", "z_loss") else f.dtype == dtype
+        assert_tolerance_rule(f"{what} {name}", f.float(), r, p.float(), atol=ATOL[dtype], relative_atol=True)
+    return fused
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", ["softcap", "zloss", "weights+smoothing", "all"])
+def test_loss_options_match_reference(backend, reduction, options):
+    check_options(backend, reduction, 37, 40, 133, **OPTION_SETS[options])
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+@pytest.mark.parametrize("rows,hidden_size,vocab", [(1, 16, 50), (7, 40, 1), (113, 32, 333)])
+def test_loss_options_odd_sizes_torch(options, rows, hidden_size, vocab):
+    for reduction in ("mean", "sum", "none"):
+        check_options("torch", reduction, rows, hidden_size, vocab, **OPTION_SETS[options])
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+@pytest.mark.parametrize("ignored", ["none", "all"])
+def test_loss_options_with_no_or_all_rows_ignored(backend, ignored):
+    for reduction in ("mean", "none"):
+        check_options(backend, reduction, 23, 24, 90, ignored=ignored, bias=False, **OPTION_SETS["all"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loss_options_16bit_torch(dtype):
+    check_options("torch", "mean", 113, 48, 257, dtype=dtype, **OPTION_SETS["all"])
+
+
+@pytest.mark.interpret
+def test_loss_options_fp16_triton():
+    check_options("triton", "sum", 37, 40, 133, dtype=torch.float16, **OPTION_SETS["all"])
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_loss_options_on_the_batched_shape(backend):
+    device = device_for(backend)
+    hidden, weight, _, labels = make_inputs(None, 16, 64, torch.float32, device, batch_shape=(3, 5))
+    out = linear_cross_entropy(hidden, weight, labels, reduction="none", lse_square_scale=0.1, return_z_loss=True,
+                               return_accuracy=True, backend=backend)
+    ref = linear_cross_entropy_ref(hidden, weight, labels, reduction="none", lse_square_scale=0.1, return_z_loss=True,
+                                   return_accuracy=True)
+    assert out.loss.shape == out.z_loss.shape == out.accuracy.shape == (3, 5)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.z_loss, ref.z_loss, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.accuracy, ref.accuracy)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_z_loss_is_scale_times_lse_squared_and_included_in_the_loss(backend):
+    device = device_for(backend)
+    hidden, weight, _, labels = make_inputs(29, 16, 70, torch.float32, device)
+    scale = 1e-3
+    logits = F.linear(hidden.detach().double(), weight.detach().double())
+    labelled = labels != -100
+    z_rows = scale * torch.logsumexp(logits, dim=1) ** 2 * labelled
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    for reduction, reduce in [("none", lambda t: t), ("sum", torch.sum), ("mean", lambda t: t.sum() / labelled.sum())]:
+        out = linear_cross_entropy(hidden, weight, labels, reduction=reduction, lse_square_scale=scale,
+                                   return_z_loss=True, backend=backend)
+        assert isinstance(out, LossOutput) and out.accuracy is None
+        torch.testing.assert_close(out.z_loss.double(), reduce(z_rows), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out.loss.double(), reduce(ce + z_rows), rtol=1e-5, atol=1e-5)
+        assert not out.z_loss.requires_grad  # for logging: the loss carries its gradient
+    # return_z_loss without a scale: a zero z-loss, the plain loss.
+    out = linear_cross_entropy(hidden, weight, labels, return_z_loss=True, backend=backend)
+    assert out.z_loss.item() == 0.0
+    torch.testing.assert_close(out.loss, linear_cross_entropy_ref(hidden, weight, labels))
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_class_weights_match_cross_entropy_weight(backend):
+    """mean divides by the sum of the labelled rows' target weights, smoothing is weighted
+    as F.cross_entropy does; a zero weight silences its class."""
+    device = device_for(backend)
+    hidden, weight, _, labels = make_inputs(41, 16, 30, torch.float32, device)
+    class_weights = torch.rand(30, device=device) + 0.1
+    class_weights[3] = 0.0
+    logits = F.linear(hidden.detach().double(), weight.detach().double())
+    for reduction in ("mean", "sum", "none"):
+        for smoothing in (0.0, 0.2):
+            got = linear_cross_entropy(hidden, weight, labels, reduction=reduction, label_smoothing=smoothing,
+                                       class_weights=class_weights, backend=backend)
+            want = F.cross_entropy(logits, labels, weight=class_weights.double(), reduction=reduction,
+                                   label_smoothing=smoothing)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_accuracy_is_argmax_of_the_softcapped_logits(backend):
+    device = device_for(backend)
+    hidden, weight, _, labels = make_inputs(57, 16, 40, torch.float32, device)
+    # Make about half the labels the argmax, so the accuracy is neither 0 nor 1.
+    logits = F.linear(hidden.detach(), weight.detach())
+    hit = torch.rand(57, device=device) < 0.5
+    labels = torch.where(hit & (labels != -100), logits.argmax(dim=1), labels)
+    labelled = labels != -100
+    correct = (logits.argmax(dim=1) == labels) & labelled
+    for softcap in (None, 1.5):
+        rows = linear_cross_entropy(hidden, weight, labels, reduction="none", softcap=softcap, return_accuracy=True,
+                                    backend=backend)
+        assert rows.z_loss is None and rows.accuracy.dtype == torch.bool
+        assert torch.equal(rows.accuracy, correct)
+        for reduction in ("mean", "sum"):
+            frac = linear_cross_entropy(hidden, weight, labels, reduction=reduction, softcap=softcap,
+                                        return_accuracy=True, backend=backend).accuracy
+            assert frac.dtype == torch.float32 and frac.shape == ()
+            assert abs(frac.item() - correct.sum().item() / labelled.sum().item()) < 1e-6
+    assert 0 < correct.sum() < labelled.sum()
+
+
+def test_softcap_gradient_goes_through_the_tanh():
+    hidden, weight, bias, labels = make_inputs(5, 6, 9, torch.float64, "cpu", bias=True, ignored="none")
+    torch.autograd.gradcheck(
+        lambda h, w, b: linear_cross_entropy_ref(h, w, labels, bias=b, softcap=1.5, upcast=False),
+        (hidden, weight, bias))  # the float64 reference itself is right
+    leaves = [t.detach().float().requires_grad_() for t in (hidden, weight, bias)]
+    got = torch.autograd.grad(linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2], softcap=1.5),
+                              leaves)
+    want = torch.autograd.grad(linear_cross_entropy_ref(hidden, weight, labels, bias=bias, softcap=1.5),
+                               (hidden, weight, bias))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options,error,match",
+    [
+        (dict(class_weights=torch.ones(10)), ValueError, r"class_weights must have shape \(11,\)"),
+        (dict(class_weights=torch.ones(11, dtype=torch.int64)), TypeError, "class_weights must be a floating-point"),
+        (dict(class_weights=torch.ones(11, device="meta")), ValueError, "class_weights is on meta"),
+        (dict(class_weights=torch.ones(11).index_fill_(0, torch.tensor([4]), -1.0)), ValueError,
+         "class_weights must be finite and >= 0; found -1"),
+        (dict(class_weights=torch.ones(11).index_fill_(0, torch.tensor([2]), math.nan)), ValueError,
+         "class_weights must be finite and >= 0; found nan"),
+        (dict(class_weights=[1.0] * 11), TypeError, "class_weights must be a torch.Tensor"),
+        (dict(softcap=0.0), ValueError, "softcap must be a finite number > 0"),
+        (dict(softcap=-2.0), ValueError, "softcap must be a finite number > 0"),
+        (dict(softcap=math.inf), ValueError, "softcap must be a finite number > 0"),
+        (dict(lse_square_scale=-1e-4), ValueError, "lse_square_scale must be a finite number >= 0"),
+        (dict(lse_square_scale=math.nan), ValueError, "lse_square_scale must be a finite number >= 0"),
+    ],
+)
+def test_bad_loss_options_are_named(options, error, match):
+    hidden, weight, _, labels = make_inputs(6, 8, 11, torch.float32, "cpu")
+    with pytest.raises(error, match=match) as raised:
+        linear_cross_entropy(hidden, weight, labels, **options)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("options,named", [
+    (dict(softcap=30.0), "softcap"),
+    (dict(lse_square_scale=1e-4), "z-loss"),
+    (dict(class_weights="ones"), "class_weights"),
+    (dict(return_accuracy=True), "return_accuracy"),
+])
+def test_cuda_backend_refuses_the_loss_options_and_auto_takes_triton(monkeypatch, options, named):
+    """On a (stand-in) GPU where the CUDA backend runs plain calls, a call with any of the
+    new options: its reasons name the option, an explicit backend="cuda" raises one line,
+    and auto picks Triton without ever calling the CUDA rows function."""
+    stand_in_gpu(monkeypatch, emulate=True)
+    hidden, weight, _, labels = make_inputs(9, 8, 20, torch.float32, "cpu")
+    if options.get("class_weights") == "ones":
+        options = {**options, "class_weights": torch.ones(20)}
+    assert backend_reasons(hidden, weight)["cuda"]() == []  # plain calls: CUDA can
+    reasons = backend_reasons(hidden, weight, **options)["cuda"]()
+    assert len(reasons) == 1 and "no softcap / z-loss / class weights / accuracy yet" in reasons[0]
+    assert named in reasons[0]
+    with pytest.raises(ValueError, match=f"backend='cuda' cannot run.*{named}") as raised:
+        linear_cross_entropy(hidden, weight, labels, backend="cuda", **options)
+    assert "\n" not in str(raised.value)
+
+    # auto, as on a GPU (these CPU tensors pass for CUDA ones here): record what runs.
+    ran = []
+
+    def cuda_rows(*args):
+        ran.append("cuda")
+        raise AssertionError("auto tried the CUDA backend")
+
+    def triton_rows(hidden, weight, bias, labels, smoothing, row_scale, grad_mask, extras=None):
+        ran.append("triton")
+        args = (hidden, weight, bias, labels, smoothing, row_scale, grad_mask, "ieee")
+        return _rows_torch(*args) if extras is None else _rows_torch(*args, extras)
+
+    real_choose = LCE_MODULE.choose_backend
+    monkeypatch.setattr(LCE_MODULE, "choose_backend",
+                        lambda op, requested, reasons, priority, device: real_choose(
+                            op, requested, reasons, priority, torch.device("cuda")))
+    monkeypatch.setitem(LCE_MODULE.ROWS, "cuda", cuda_rows)
+    monkeypatch.setitem(LCE_MODULE.ROWS, "triton", triton_rows)
+    out = linear_cross_entropy(hidden, weight, labels, **options)
+    loss = out.loss if isinstance(out, LossOutput) else out
+    loss.backward()
+    assert ran == ["triton"]
+    ref = linear_cross_entropy_ref(hidden, weight, labels, **options)
+    torch.testing.assert_close(loss, ref.loss if isinstance(ref, LossOutput) else ref)
+    ran.clear()
+    with pytest.raises(AssertionError, match="auto tried the CUDA backend"):  # plain calls still go to CUDA
+        linear_cross_entropy(hidden, weight, labels)
+
+
+def test_opcheck_with_loss_options():
+    hidden, weight, bias, labels = make_inputs(13, 8, 21, torch.float32, "cpu", bias=True)
+    class_weights = torch.rand(21) + 0.1
+    op = torch.ops.fastft.linear_cross_entropy.default
+    for reduction in ("mean", "none"):
+        h, w, b = (t.detach().requires_grad_() for t in (hidden, weight, bias))
+        torch.library.opcheck(op, (h.reshape(-1, 8), w, b, labels.reshape(-1), -100, reduction, 0.1, "torch",
+                                   [True, True, True], "ieee", class_weights, 2.0, 1e-2, True, True))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_compile_fullgraph_with_loss_options(reduction):
+    hidden, weight, bias, labels = make_inputs(17, 8, 21, torch.float32, "cpu", bias=True)
+    options = dict(class_weights=torch.rand(21) + 0.1, softcap=2.0, lse_square_scale=1e-2, label_smoothing=0.1,
+                   return_z_loss=True, return_accuracy=True)
+
+    def fn(h, w, y, b):
+        return linear_cross_entropy(h, w, y, bias=b, reduction=reduction, **options)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = run_options(lambda h, w, y, bias, reduction: compiled(h, w, y, bias), hidden, weight, bias, labels, reduction)
+    want = run_options(lambda h, w, y, bias, reduction: fn(h, w, y, bias), hidden, weight, bias, labels, reduction)
+    for g, w in zip(got, want):
+        if g.dtype == torch.bool:
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

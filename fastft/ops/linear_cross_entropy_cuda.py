@@ -32,13 +32,16 @@ GRAD_GAIN = {torch.float16: 2.0**14, torch.bfloat16: 1.0, torch.float32: 1.0}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def reasons(hidden: torch.Tensor, weight: torch.Tensor) -> list[str]:
+def reasons(hidden: torch.Tensor, weight: torch.Tensor, options=()) -> list[str]:
     """Why the CUDA backend cannot run linear_cross_entropy on these inputs (empty list
     when it can): the extension (built with the softmax-grad kernel, on a CUDA device the
-    build fits) and a floating-point dtype it takes."""
+    build fits), a floating-point dtype it takes, and none of the loss ``options`` (names
+    such as "softcap") the kernel does not implement yet."""
     found = _extension.reasons((hidden, weight), "linear_cross_entropy_softmax_grad")
     if hidden.dtype not in _FLOAT_DTYPES:
         found.append(f"dtype {hidden.dtype} is not fp32/fp16/bf16")
+    if options:
+        found.append(f"no softcap / z-loss / class weights / accuracy yet (this call uses {', '.join(options)})")
     return found
 
 
