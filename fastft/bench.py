@@ -23,6 +23,7 @@ SUITES = {
     "train": "benchmarks.bench_train",
     "finetune": "benchmarks.bench_finetune",
     "dpo": "benchmarks.bench_dpo",
+    "precision": "benchmarks.bench_precision",
 }
 # other names a suite answers to: each op's own name, and the names of earlier releases
 ALIASES = {"linear_cross_entropy": "loss", "lora": "lora_linear"}

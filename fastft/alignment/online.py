@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -40,7 +41,7 @@ from fastft.train.loop import accumulate_gradients
 from fastft.train.metrics import MetricsLog
 from fastft.train.optim import build_optimizer
 from fastft.train.output_dir import claim_output_dir
-from fastft.train.runtime import maybe_patch, seed_everything
+from fastft.train.runtime import maybe_patch, resolve_precision, seed_everything
 from fastft.train.schedules import build_scheduler, warmup_steps_for
 
 __all__ = ["OnlineState", "RewardFunction", "Rollout", "check_rewards", "evaluate_policy", "rollout", "train_online"]
@@ -148,6 +149,8 @@ def train_online(
     at the end. Writes ``run_config.json`` and ``metrics.jsonl`` into ``config.output_dir``.
     """
     device = next(model.parameters()).device
+    # "auto" -> bf16 / fp32 for this device (printed); fp16 on a CPU fails here, before any work
+    config = dataclasses.replace(config, precision=resolve_precision(config.precision, device, announce=True))
     seed_everything(config.seed)
     model = maybe_patch(model, config.fused)
     objective = PolicyGradientObjective(method)
