@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import re
+import types
 import subprocess
 import sys
 import time
@@ -171,11 +172,16 @@ def _loss_specimens():
 
     # Llama-3 vocabulary, a ragged number of labelled rows, bias and smoothing on (every
     # feature of the kernels: the most registers), all three gradients.
-    for dtype in (torch.bfloat16, torch.float32):
-        rows, vocab, hidden = 1013, 128256, 4096
-        yield f"loss {str(dtype)[6:]}", lambda dtype=dtype: loss.linear_cross_entropy_rows(
-            _meta(rows, hidden, dtype=dtype), _meta(vocab, hidden, dtype=dtype), _meta(vocab, dtype=dtype),
-            _meta(rows, dtype=torch.int64), 0.1, _meta(rows, dtype=torch.float32), [True, True, True])
+    # "+options": class weights, final-logit softcap, z-loss and the argmax on top (the
+    # ``extras`` of fastft/ops/linear_cross_entropy.py, duck-typed: kernels never import ops).
+    rows, vocab, hidden = 1013, 128256, 4096
+    for dtype, options in itertools.product((torch.bfloat16, torch.float32), (False, True)):
+        extras = types.SimpleNamespace(class_weights=_meta(vocab, dtype=torch.float32), softcap=30.0,
+                                       z_row_scale=_meta(rows, dtype=torch.float32), want_argmax=True)
+        yield f"loss {str(dtype)[6:]}{' +options' if options else ''}", (
+            lambda dtype=dtype, extras=extras if options else None: loss.linear_cross_entropy_rows(
+                _meta(rows, hidden, dtype=dtype), _meta(vocab, hidden, dtype=dtype), _meta(vocab, dtype=dtype),
+                _meta(rows, dtype=torch.int64), 0.1, _meta(rows, dtype=torch.float32), [True, True, True], extras))
 
 
 def _attention_specimens():

@@ -87,9 +87,10 @@ PROGRAMS_PER_SM = 2
 NOMINAL_BLOCK_M = 128
 
 
-def _config(block_m, block_v, block_h, num_warps, num_stages, inputs, archs=(80, 90)):
+def _config(block_m, block_v, block_h, num_warps, num_stages, inputs, archs=(80, 90), options=True):
+    """``options=False``: not for calls with class weights or a softcap (spills there)."""
     return config({"BLOCK_M": block_m, "BLOCK_V": block_v, "BLOCK_H": block_h}, num_warps, num_stages, archs,
-                  inputs=inputs)
+                  inputs=inputs, options=options)
 
 
 # Configs per input width and architecture: big tiles feed the tensor cores (wgmma wants
@@ -126,7 +127,8 @@ else:
     BWD_CONFIGS = [
         _config(128, 128, 64, 8, 3, "16bit", archs=(90,)),
         _config(64, 128, 64, 4, 3, "16bit", archs=(90,)),
-        _config(128, 64, 64, 4, 3, "16bit", archs=(90,)),
+        # With class weights / softcap: 80 B of spills per thread under Triton 3.6 (budget 64).
+        _config(128, 64, 64, 4, 3, "16bit", archs=(90,), options=False),
         _config(64, 64, 64, 4, 4, "16bit", archs=(90,)),
         _config(128, 128, 32, 8, 3, "16bit", archs=(80,)),
         _config(64, 128, 32, 8, 3, "16bit", archs=(80,)),
@@ -141,10 +143,13 @@ else:
 
 
 def _configs_for_dtype(configs, named_args, **kwargs):
-    """Autotuner pre-filter: the configs for the input width (fp32 or 16-bit) and the
-    target architecture (FASTFT_TRITON_CONFIGS=first: only the first)."""
+    """Autotuner pre-filter: the configs for the input width (fp32 or 16-bit), the loss
+    options (class weights / softcap) and the target architecture
+    (FASTFT_TRITON_CONFIGS=first: only the first)."""
     inputs = "fp32" if named_args["Hidden"].dtype == torch.float32 else "16bit"
-    return for_target([c for c in configs if c.inputs in (inputs, "any")])
+    meta = {**named_args, **kwargs}
+    options = bool(meta.get("HAS_CLASS_WEIGHTS") or meta.get("HAS_SOFTCAP"))
+    return for_target([c for c in configs if c.inputs in (inputs, "any") and (c.options or not options)])
 
 
 # --------------------------------------------------------------------------- kernels
@@ -196,7 +201,7 @@ def _softcap(logits, softcap):
     return softcap * tl.where(x < 0.0, -tanh_abs, tanh_abs)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["V", "H", "M_BUCKET"],
+@triton.autotune(configs=FWD_CONFIGS, key=["V", "H", "M_BUCKET", "HAS_CLASS_WEIGHTS", "HAS_SOFTCAP"],
                  prune_configs_by={"early_config_prune": _configs_for_dtype})
 @triton.jit
 def _linear_cross_entropy_fwd_kernel(
@@ -274,7 +279,7 @@ def _linear_cross_entropy_fwd_kernel(
     tl.store(TargetLogit + rows, target, mask=row_mask & owns_label)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=["V", "H", "M_BUCKET"],
+@triton.autotune(configs=BWD_CONFIGS, key=["V", "H", "M_BUCKET", "HAS_CLASS_WEIGHTS", "HAS_SOFTCAP"],
                  prune_configs_by={"early_config_prune": _configs_for_dtype},
                  # The kernel accumulates with atomics: benchmarking a config must start
                  # from zeros, and the autotuner zeroes them again before the real launch.

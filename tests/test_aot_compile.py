@@ -11,7 +11,8 @@ The same check runs with a second Triton when ``FASTFT_AOT_PYTHON`` names a Pyth
 has it (``.ci/run`` makes one with the GPU image's Triton 3.6 when its wheel installs).
 Compiles are cached by Triton (``TRITON_CACHE_DIR``, default ~/.triton/cache): the first
 run on a machine costs minutes (benchmarks/NOTES.md gives the measured time), later runs
-seconds.
+seconds. So the two compile tests carry the marker ``aot``, which the default run leaves
+out; ``.ci/run`` runs them as its own step (``python -m pytest -m aot``).
 """
 
 from __future__ import annotations
@@ -52,11 +53,13 @@ def compile_ahead_of_time(python: str, tmp_path, archs=ARCHS) -> dict:
     return result
 
 
+@pytest.mark.aot
 def test_every_triton_config_compiles_for_sm80_and_sm90(tmp_path):
     result = compile_ahead_of_time(sys.executable, tmp_path)
     assert len(result["kernels"]) >= 2 * len(KERNELS)
 
 
+@pytest.mark.aot
 def test_every_triton_config_compiles_with_the_gpu_images_triton(tmp_path):
     """sm_90 only: the image's GPU (an H200); the current Triton covers sm_80 above."""
     python = os.environ.get("FASTFT_AOT_PYTHON")
@@ -122,3 +125,21 @@ def test_attention_config_tables_cover_every_class():
             for tag in ("fits", "fits_extra"):
                 covered = {c for config in configs for c in getattr(config, tag).get(arch, ())}
                 assert covered == set(kernels.HEAD_DIM_CLASSES), (configs[0].kwargs, arch, tag, covered)
+
+
+def test_loss_configs_that_spill_with_options_are_left_out_then(monkeypatch):
+    """A loss config tagged ``options=False`` (it spills with class weights / softcap) is
+    pruned for such calls only, and those flags are part of the autotune key."""
+    import torch
+
+    from fastft.kernels import linear_cross_entropy as kernels
+
+    monkeypatch.delenv("FASTFT_TRITON_CONFIGS", raising=False)
+    monkeypatch.setattr(kernels, "for_target", lambda configs: configs)  # the architecture filter is tested above
+    configs = [kernels._config(128, 64, 64, 4, 3, "16bit", options=False), kernels._config(64, 64, 64, 4, 4, "16bit")]
+    hidden = torch.empty(2, 2, dtype=torch.bfloat16)
+    assert kernels._configs_for_dtype(configs, {"Hidden": hidden}, HAS_CLASS_WEIGHTS=False, HAS_SOFTCAP=False) == configs
+    for flags in ({"HAS_CLASS_WEIGHTS": True, "HAS_SOFTCAP": False}, {"HAS_CLASS_WEIGHTS": False, "HAS_SOFTCAP": True}):
+        assert kernels._configs_for_dtype(configs, {"Hidden": hidden}, **flags) == configs[1:]
+    for kernel in (kernels._linear_cross_entropy_fwd_kernel, kernels._linear_cross_entropy_bwd_kernel):
+        assert {"HAS_CLASS_WEIGHTS", "HAS_SOFTCAP"} <= set(kernel.keys)
