@@ -61,7 +61,18 @@ struct BackwardParams {
   const float* grad_lse = nullptr;  // (B, Hq, Sq) contiguous gradient of a returned lse, or nullptr
   float softmax_scale = 1.f;
   int dtype = 0;
+  // Which dK/dV kernel (attention_bwd.cu): kBackwardClassic, or kBackwardPipelined (Q / dO
+  // loads double-buffered; with kv_splits > 1 each (key block, kv head) is split over
+  // kv_splits thread blocks, each taking a contiguous share of the group's (query head,
+  // query block) steps and writing fp32 partial dK / dV to dkv_workspace, which a second
+  // kernel sums in a fixed order: deterministic).
+  int variant = 0;
+  int kv_splits = 1;
+  float* dkv_workspace = nullptr;  // 2 x (kv_splits, B, Hkv, Sk, D) contiguous fp32 when kv_splits > 1
 };
+
+constexpr int kBackwardClassic = 0;
+constexpr int kBackwardPipelined = 1;
 
 // The key band of every query (window.h) for these parameters.
 template <typename Params>

@@ -74,8 +74,8 @@ inline void bind_attention(pybind11::module_& m) {
                 int64_t mask_batch_stride, int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_k,
                 int head_dim, Strides3 grad_out_strides, Strides3 q_strides, Strides3 k_strides, Strides3 v_strides,
                 Strides3 out_strides, Strides3 grad_k_strides, Strides3 grad_v_strides, int window_left,
-                int window_right, bool bottom_right, float softcap, float softmax_scale, int dtype,
-                std::uintptr_t stream) {
+                int window_right, bool bottom_right, float softcap, float softmax_scale, int dtype, int variant,
+                int kv_splits, std::uintptr_t dkv_workspace, std::uintptr_t stream) {
         attention::BackwardParams p;
         p.grad_out = reinterpret_cast<const void*>(grad_out);
         p.q = reinterpret_cast<const void*>(q);
@@ -110,9 +110,15 @@ inline void bind_attention(pybind11::module_& m) {
         p.softcap = softcap;
         p.softmax_scale = softmax_scale;
         p.dtype = dtype;
+        p.variant = variant;
+        p.kv_splits = kv_splits;
+        p.dkv_workspace = reinterpret_cast<float*>(dkv_workspace);  // 0 -> nullptr: kv_splits must be 1
         attention::run_backward(p, reinterpret_cast<cudaStream_t>(stream));
       },
-      "FlashAttention-2 backward: writes grad_q (via the zeroed fp32 grad_q_accum), grad_k, grad_v.",
+      "FlashAttention-2 backward: writes grad_q (via the zeroed fp32 grad_q_accum), grad_k, grad_v. variant 0: "
+      "the classic dK/dV kernel; 1: Q/dO loads double-buffered, and with kv_splits > 1 the query steps of each "
+      "key block split over kv_splits thread blocks whose fp32 partials (dkv_workspace: 2 x (kv_splits, B, Hkv, "
+      "Sk, D)) a second kernel sums in a fixed order.",
       py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
       py::arg("delta"), py::arg("grad_q_accum"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"),
       py::arg("grad_lse"), py::arg("key_padding_mask"), py::arg("mask_batch_stride"), py::arg("batch"), py::arg("heads_q"),
@@ -120,7 +126,7 @@ inline void bind_attention(pybind11::module_& m) {
       py::arg("grad_out_strides"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
       py::arg("out_strides"), py::arg("grad_k_strides"), py::arg("grad_v_strides"), py::arg("window_left"),
       py::arg("window_right"), py::arg("bottom_right"), py::arg("softcap"), py::arg("softmax_scale"),
-      py::arg("dtype"), py::arg("stream"));
+      py::arg("dtype"), py::arg("variant"), py::arg("kv_splits"), py::arg("dkv_workspace"), py::arg("stream"));
 }
 
 }  // namespace fastft

@@ -8,6 +8,7 @@ kernels cannot take, so that dispatch never gets that far with them.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -18,6 +19,51 @@ from fastft._extension import DTYPE_CODES, check_cuda_tensor, pointer, stream_ha
 HEAD_DIMS = (32, 64, 128)  # template instances in csrc/attention/*.cu
 _DTYPES = (torch.float16, torch.bfloat16)
 _GRID_LIMIT = 65535  # heads and batch are grid dimensions y and z
+
+# Which dK/dV kernel the backward runs (csrc/attention/attention_bwd.cu, issue 15 defect 8):
+#   FASTFT_ATTENTION_BWD=classic    (default) the kernel every GPU test so far was written for;
+#   FASTFT_ATTENTION_BWD=pipelined  Q / dO loads double-buffered (two barriers per query block
+#                                   instead of three) and, when the grid is small, the query
+#                                   steps of each key block split over several thread blocks
+#                                   whose fp32 dK / dV partials are summed in a fixed order.
+# The pipelined kernel compiles and links but has never run on a GPU: it stays opt-in until a
+# lent GPU has run, in one call, the gpu tests of tests/test_attention.py that compare it with
+# the classic kernel (test_gpu_pipelined_backward_*) and `bash benchmarks/gpu_run.sh bench` with
+# FASTFT_ATTENTION_BWD=pipelined; then make it the default. FASTFT_ATTENTION_BWD_SPLITS=N forces
+# N splits (tests use it to run the split path on any shape; 0 or unset: chosen by grid size).
+BACKWARD_VARIANTS = {"classic": 0, "pipelined": 1}
+_BLOCK_N = 64  # keys per thread block of the dK/dV kernels
+_MAX_SPLITS = 8
+
+
+def backward_variant() -> str:
+    """The dK/dV kernel ``FASTFT_ATTENTION_BWD`` selects: ``"classic"`` (default) or ``"pipelined"``."""
+    name = os.environ.get("FASTFT_ATTENTION_BWD", "").strip().lower() or "classic"
+    if name not in BACKWARD_VARIANTS:
+        raise ValueError(f"FASTFT_ATTENTION_BWD={name!r} is not one of {sorted(BACKWARD_VARIANTS)}")
+    return name
+
+
+def backward_splits(batch: int, heads_q: int, heads_kv: int, seqlen_q: int, seqlen_k: int, head_dim: int,
+                    sm_count: int) -> int:
+    """Thread blocks per (batch, kv head, key block) for the pipelined dK/dV kernel.
+
+    1 when ``batch * heads_kv * ceil(seqlen_k / 64)`` already gives every SM two blocks;
+    otherwise enough splits to reach that, at most 8 and at most half the (query head, query
+    block) steps of a key block, so that each split still has two steps to pipeline.
+    ``FASTFT_ATTENTION_BWD_SPLITS`` overrides (clipped to the steps there are).
+    """
+    blocks = batch * heads_kv * -(-seqlen_k // _BLOCK_N)
+    block_m = 32 if head_dim >= 128 else 64  # backward_block_m in attention_bwd.cu
+    steps = (heads_q // max(heads_kv, 1)) * -(-seqlen_q // block_m)
+    limit = max(1, min(steps, _GRID_LIMIT // max(heads_kv, 1)))
+    forced = int(os.environ.get("FASTFT_ATTENTION_BWD_SPLITS", "0") or 0)
+    if forced > 0:
+        return min(forced, limit)
+    target = 2 * sm_count
+    if blocks == 0 or blocks >= target:
+        return 1
+    return max(1, min(-(-target // blocks), _MAX_SPLITS, steps // 2, limit))
 
 
 def reasons(
@@ -256,6 +302,14 @@ def attention_backward(
     mask, mask_stride = _attention_mask_bytes(key_padding_mask)
     delta = torch.empty((batch, heads_q, seqlen_q), dtype=torch.float32, device=q.device)  # rowsum(dO * O)
     grad_q_accum = torch.zeros((batch, heads_q, seqlen_q, head_dim), dtype=torch.float32, device=q.device)
+    variant = backward_variant()
+    splits, workspace = 1, None
+    if variant == "pipelined":
+        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+        splits = backward_splits(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, sm_count)
+        if splits > 1:  # fp32 dK / dV partials, every element written by the kernel: no zeroing
+            workspace = torch.empty((2, splits, batch, heads_kv, seqlen_k, head_dim), dtype=torch.float32,
+                                    device=q.device)
     with torch.cuda.device(q.device):
         _extension.module().attention_backward(
             grad_out=grad_out.data_ptr(), q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
@@ -267,6 +321,7 @@ def attention_backward(
             k_strides=_strides3(k), v_strides=_strides3(v), out_strides=_strides3(out),
             grad_k_strides=_strides3(grad_k), grad_v_strides=_strides3(grad_v), window_left=window_left,
             window_right=window_right, bottom_right=bool(bottom_right), softcap=softcap,
-            softmax_scale=float(softmax_scale), dtype=DTYPE_CODES[q.dtype], stream=stream_handle(q.device),
+            softmax_scale=float(softmax_scale), dtype=DTYPE_CODES[q.dtype], variant=BACKWARD_VARIANTS[variant],
+            kv_splits=splits, dkv_workspace=pointer(workspace), stream=stream_handle(q.device),
         )
     return grad_q, grad_k, grad_v
