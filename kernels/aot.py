@@ -182,6 +182,33 @@ def _loss_specimens():
             lambda dtype=dtype, extras=extras if options else None: loss.linear_cross_entropy_rows(
                 _meta(rows, hidden, dtype=dtype), _meta(vocab, hidden, dtype=dtype), _meta(vocab, dtype=dtype),
                 _meta(rows, dtype=torch.int64), 0.1, _meta(rows, dtype=torch.float32), [True, True, True], extras))
+    # Gradient filtering (FASTFT_LOSS_GRAD_FILTER=on, 16-bit inputs, no smoothing: the
+    # backward's FILTER branch), plain and with the options.
+    for options in (False, True):
+        extras = types.SimpleNamespace(class_weights=_meta(vocab, dtype=torch.float32), softcap=30.0,
+                                       z_row_scale=_meta(rows, dtype=torch.float32), want_argmax=True)
+
+        def run(extras=extras if options else None):
+            with _environ(FASTFT_LOSS_GRAD_FILTER="on"):
+                loss.linear_cross_entropy_rows(
+                    _meta(rows, hidden), _meta(vocab, hidden), _meta(vocab), _meta(rows, dtype=torch.int64), 0.0,
+                    _meta(rows, dtype=torch.float32), [True, True, True], extras)
+        yield f"loss bfloat16{' +options' if options else ''} +filter", run
+
+
+@contextlib.contextmanager
+def _environ(**values):
+    """Within: the environment variables set to ``values``; restored afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _attention_specimens():

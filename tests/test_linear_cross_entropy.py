@@ -854,3 +854,117 @@ def test_torch_compile_fullgraph_with_loss_options(reduction):
             assert torch.equal(g, w)
         else:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- gradient filtering (Triton, opt-in)
+#
+# FASTFT_LOSS_GRAD_FILTER=on: the Triton backward skips every (row block, vocab block) tile
+# whose |dlogits| are all at most eps x the row's scale (Cut Cross-Entropy's gradient
+# filtering; kernels/linear_cross_entropy.py, _grad_filter_eps).
+
+FILTER_ENV = "FASTFT_LOSS_GRAD_FILTER"
+
+
+def _triton_kernels():
+    return importlib.import_module("fastft.kernels.linear_cross_entropy")
+
+
+def _peaked_inputs(dtype, *, rows=113, hidden_size=64, vocab=333, confidence=20.0, seed=0):
+    """A softmax as peaked as a trained LM's: unit-norm weight rows, hidden = c * W[t] + a
+    little noise, so the logit of the predicted token t is ~c and the others ~N(0, (c/8)^2):
+    the tail probabilities are ~1e-6, below bf16's 2^-12. Most rows predict their label
+    (nothing in any tile is significant); the rows of the first row block whose labels are
+    1, 2, 3 predict token 0 instead (p_0 ~ 1, dlogit ~ -1 at the label): only the tile
+    (row block 0, vocab block 0) holds significant gradients."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden_size, generator=g)
+    weight /= weight.norm(dim=1, keepdim=True)
+    labels = torch.randint(4, vocab, (rows,), generator=g)
+    labels[[3, 17, 40]] = torch.tensor([1, 2, 3])
+    predicted = labels.clone()
+    predicted[[3, 17, 40]] = 0
+    hidden = confidence * weight[predicted] + 0.05 * torch.randn(rows, hidden_size, generator=g)
+    bias = 0.1 * torch.randn(vocab, generator=g)
+    row_scale = 0.5 + torch.rand(rows, generator=g)
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype), labels, row_scale
+
+
+def _triton_rows(monkeypatch, switch, hidden, weight, bias, labels, row_scale, label_smoothing=0.0):
+    monkeypatch.setenv(FILTER_ENV, switch)
+    return _triton_kernels().linear_cross_entropy_rows(hidden, weight, bias, labels, label_smoothing, row_scale,
+                                                       [True, True, True])
+
+
+@pytest.mark.interpret
+def test_grad_filter_skips_negligible_tiles_within_the_bound(monkeypatch):
+    """bf16, peaked softmax: the filtered gradients differ from the unfiltered ones by
+    exactly the skipped tiles' contributions (recomputed in float64), and by less than
+    the bound ``sum over skipped columns of eps * scale * |W|`` (|h| for dW, 1 for dbias)."""
+    kernels = _triton_kernels()
+    hidden, weight, bias, labels, row_scale = _peaked_inputs(torch.bfloat16)
+    eps = kernels._grad_filter_eps(torch.bfloat16, 0.0)
+    assert eps == 2.0**-12
+    off = _triton_rows(monkeypatch, "off", hidden, weight, bias, labels, row_scale)
+    on = _triton_rows(monkeypatch, "on", hidden, weight, bias, labels, row_scale)
+    assert torch.equal(on[0], off[0])  # the loss is the forward's: untouched
+
+    # Which tiles the kernel must skip: the interpreter's one config gives the tile shape.
+    block = kernels.BWD_CONFIGS[0].kwargs
+    block_m, block_v = block["BLOCK_M"], block["BLOCK_V"]
+    rows, vocab = labels.numel(), weight.shape[0]
+    h64, w64, b64 = hidden.double(), weight.double(), bias.double()
+    probs = torch.softmax(h64 @ w64.T + b64, dim=1)
+    dlogits = row_scale.double()[:, None] * (probs - F.one_hot(labels, vocab).double())  # (M, V)
+    relative = dlogits.abs() / row_scale.double()[:, None]
+    tile_max = F.pad(relative, (0, -vocab % block_v, 0, -rows % block_m)).reshape(
+        -(-rows // block_m), block_m, -(-vocab // block_v), block_v).amax(dim=(1, 3))  # (row blocks, vocab blocks)
+    # No tile within a factor 2 of the threshold, so the kernel's fp32 decision is this one.
+    assert ((tile_max < eps / 2) | (tile_max > 2 * eps)).all(), tile_max
+    skipped = tile_max < eps
+    assert skipped.sum() == skipped.numel() - 1 and not skipped[0, 0], skipped  # 11 of 12 tiles
+    skip_elements = skipped.repeat_interleave(block_m, 0)[:rows].repeat_interleave(block_v, 1)[:, :vocab]  # (M, V)
+    dropped = torch.where(skip_elements, dlogits, 0.0)
+
+    # Bound: |sum_{j skipped} d_ij W_jk| <= sum_j |d_ij| |W_jk| <= eps * r_i * sum_j |W_jk|
+    # (x (1 + 2^-8): the kernel rounds dlogits to bf16 for the dot), plus fp32 slack for
+    # the atomics summing a different set of terms.
+    scale_bound = eps * (1 + 2.0**-8) * torch.where(skip_elements, row_scale.double()[:, None], 0.0)
+    bounds = (scale_bound @ w64.abs(), scale_bound.T @ h64.abs(), scale_bound.sum(dim=0))
+    expected_drops = (dropped @ w64, dropped.T @ h64, dropped.sum(dim=0))
+    for name, g_off, g_on, bound, expected in zip(("hidden", "weight", "bias"), off[1:], on[1:], bounds,
+                                                  expected_drops):
+        diff = (g_off.double() - g_on.double())
+        slack = 2.0**-22 * g_off.abs().max().item()  # a few fp32 ulps of the largest partial sum
+        assert (diff.abs() <= bound + slack).all(), (name, (diff.abs() - bound).max())
+        assert diff.abs().max() > 8 * slack, name  # skipping happened and changed the result
+        # ... by the skipped tiles' share. Not to 2^-8 (the bf16 rounding of dlogits): a row
+        # predicting its label has p_y - 1 ~ -1.5e-5 from exp(z_y - lse) with lse ~ 20 in
+        # fp32 (steps of 2^-19), ~10% uncertain. A wrong tile skipped would differ by
+        # >= eps * scale ~ 2.4e-4, 16x the largest share, and fail the bound above anyway.
+        assert (diff - expected).abs().max() <= 2.0**-3 * expected.abs().max() + slack, name
+        print(f"{name}: max |filtered - unfiltered| {diff.abs().max():.3g}, bound (max) {bound.max():.3g}, "
+              f"gradient max {g_off.abs().max():.3g}")
+
+
+@pytest.mark.interpret
+def test_grad_filter_never_touches_fp32_or_smoothing(monkeypatch):
+    """fp32 inputs never filter, nor does a smoothed loss (its -e/V term is systematic):
+    bitwise equal to the switch off."""
+    hidden, weight, bias, labels, row_scale = _peaked_inputs(torch.float32)
+    assert _triton_kernels()._grad_filter_eps(torch.float32, 0.0) == 0.0
+    off = _triton_rows(monkeypatch, "off", hidden, weight, bias, labels, row_scale)
+    on = _triton_rows(monkeypatch, "on", hidden, weight, bias, labels, row_scale)
+    for a, b in zip(off, on):
+        assert torch.equal(a, b)
+    hidden, weight, bias = (t.to(torch.bfloat16) for t in (hidden, weight, bias))
+    off = _triton_rows(monkeypatch, "off", hidden, weight, bias, labels, row_scale, label_smoothing=0.1)
+    on = _triton_rows(monkeypatch, "on", hidden, weight, bias, labels, row_scale, label_smoothing=0.1)
+    for a, b in zip(off, on):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("value", ["1", "ON", "true", ""])
+def test_grad_filter_bad_switch_raises(monkeypatch, value):
+    hidden, weight, bias, labels, row_scale = _peaked_inputs(torch.float32)  # raises before any kernel runs
+    with pytest.raises(ValueError, match=f"{FILTER_ENV}=.*expected 'off'.*or 'on'"):
+        _triton_rows(monkeypatch, value, hidden, weight, bias, labels, row_scale)
