@@ -176,6 +176,12 @@ def useful_flops(batch, heads_q, seq, head_dim, causal, pass_, window: int | Non
     return forward * (3.5 if pass_ == "fwd+bwd" else 1.0)
 
 
+def _backward(out: torch.Tensor, grad_out: torch.Tensor) -> None:
+    if not out.requires_grad:  # flex_attention on a CPU (_flex): forward only
+        raise RuntimeError("no backward pass: flex_attention computes no gradients on a CPU")
+    out.backward(grad_out)
+
+
 def workload(config, device, dtype, quick: bool = True) -> Workload:
     model, batch, seq, variant = config
     heads_q, heads_kv, head_dim, causal = MODELS[model]
@@ -192,7 +198,7 @@ def workload(config, device, dtype, quick: bool = True) -> Workload:
                   causal=causal, variant=variant),
         implementations=implementations(device, q, k, v, causal, variant, quick),
         leaves=(q, k, v),
-        backward=lambda out: out.backward(grad_out),
+        backward=lambda out: _backward(out, grad_out),
         flops={pass_: useful_flops(batch, heads_q, seq, head_dim, causal, pass_, window)
                for pass_ in ("fwd", "fwd+bwd")},
         gradient_bytes=sum(t.numel() * t.element_size() for t in (q, k, v)),
