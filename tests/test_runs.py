@@ -424,3 +424,40 @@ def test_fastft_bench_writes_outside_the_source_tree(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert bench.default_out_dir() == str(tmp_path / "cache" / "fastft" / "bench")
 
+
+
+def test_a_resumed_run_still_ends_on_the_best_weights_from_before_its_checkpoint(tmp_path):
+    """BestModel's weights travel in the checkpoint (a resumed run used to end on its last
+    weights while reporting the best metric of before the interruption)."""
+    from fastft.train.callbacks import BestModel
+    from fastft.train.checkpoint import load_checkpoint, save_checkpoint
+
+    class State:
+        step, model = 1, torch.nn.Linear(3, 2)
+
+    first = BestModel("loss", "min", track_initial=True)
+    first.on_train_begin(State)
+    first.on_evaluate(State, {"loss": 1.0})
+    best_weights = {n: p.detach().clone() for n, p in State.model.named_parameters()}
+    with torch.no_grad():  # training goes on past the best evaluation, then a checkpoint
+        for p in State.model.parameters():
+            p.add_(1.0)
+    path = save_checkpoint(str(tmp_path / "checkpoints"), 2, model=State.model,
+                           extra_state={"callbacks": [first.state_dict()]})
+
+    resumed = BestModel("loss", "min", track_initial=True)
+    _, extra = load_checkpoint(path, model=State.model)
+    resumed.load_state_dict(extra["callbacks"][0])
+    State.step = 3
+    resumed.on_evaluate(State, {"loss": 2.0})  # worse than the best before the checkpoint
+    resumed.on_train_end(State)
+    assert (resumed.best, resumed.best_step) == (1.0, 1)
+    for name, param in State.model.named_parameters():
+        assert torch.equal(param, best_weights[name]), name
+
+
+def test_a_checkpoint_without_the_best_weights_says_so_on_resume():
+    from fastft.train.callbacks import BestModel
+
+    with pytest.warns(UserWarning, match="not its weights"):
+        BestModel("loss", "min").load_state_dict({"best": 1.0, "best_step": 4})

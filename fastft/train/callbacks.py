@@ -11,6 +11,7 @@ with state to carry across a resume implement ``state_dict`` / ``load_state_dict
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -113,7 +114,19 @@ class BestModel(Callback):
                     param.copy_(source.to(param.device))
 
     def state_dict(self):
-        return {"best": self.best, "best_step": self.best_step}
+        # The weights go into the checkpoint too: a resumed run whose best evaluation came
+        # before the checkpoint must still end on those weights, not on its last ones.
+        # Sharded (DTensor) weights stay out: another world size could not load them.
+        saved = {"best": self.best, "best_step": self.best_step}
+        tensors = {**self.snapshot, **self.initial}
+        if all(type(t) is torch.Tensor for t in tensors.values()):
+            saved.update(snapshot=self.snapshot, initial=self.initial)
+        return saved
 
     def load_state_dict(self, state):
         self.best, self.best_step = state["best"], state["best_step"]
+        self.snapshot, self.initial = state.get("snapshot", {}), state.get("initial", self.initial)
+        if self.best is not None and not self.snapshot:  # an older checkpoint, or sharded weights
+            warnings.warn(f"the checkpoint keeps the best {self.metric} ({self.best:.4g} at step {self.best_step}) "
+                          "but not its weights: the run ends on its last weights unless a later evaluation "
+                          "is better", stacklevel=2)
