@@ -135,23 +135,10 @@ def _hf_trainer(model, dataset, collator, setup: dict, precision: str, recorder:
 # ------------------------------------------------------------------------ seq-cls MiniLM
 
 
-def _classification_accuracy(model, tokenizer, rows, max_length) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(rows), 32):
-            chunk = rows[start:start + 32]
-            batch = tokenizer([r["text"] for r in chunk], truncation=True, max_length=max_length, padding=True,
-                              return_tensors="pt")
-            predicted = model(**batch).logits.argmax(-1)
-            correct += int((predicted == torch.tensor([r["label"] for r in chunk])).sum())
-    return correct / len(rows)
-
-
 def _classification_run(impl: str, quick: bool) -> dict:
     import transformers
 
-    from benchmarks.bench_finetune import minilm_dir, review_rows
+    from benchmarks.bench_finetune import classification_accuracy, minilm_dir, review_rows
 
     setup, seed = _setup("seq-cls MiniLM-L6", quick), 0
     tokenizer = _minilm_tokenizer()
@@ -177,7 +164,7 @@ def _classification_run(impl: str, quick: bool) -> dict:
                    for ids, mask, r in zip(encoded["input_ids"], encoded["attention_mask"], train_rows)]
         model = _hf_trainer(model, dataset, transformers.DataCollatorWithPadding(tokenizer), setup, precision, recorder,
                             seed)
-    accuracy = _classification_accuracy(model.float(), tokenizer, eval_rows, setup["max_length"])
+    accuracy = classification_accuracy(model.float(), tokenizer, eval_rows, setup["max_length"])
     return {"s_per_step": recorder.seconds_per_step(), "losses": recorder.losses, "eval_accuracy": accuracy}
 
 

@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from _finetune_fixtures import topic_rows, topic_sentence
-from _tiny_models import bert_config
+from _finetune_fixtures import rare_class_rows, save_tiny_bert_base, topic_rows, toy_bert_tokenizer
 
 from fastft import cli
 from fastft.active import (
@@ -38,24 +36,18 @@ from fastft.recipes.active import simulate as simulate_recipe
 from fastft.recipes.finetune import finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TOKENIZERS = os.path.join(os.path.dirname(__file__), "data")
 QUIET = dict(progress=False, plot=False, fused=False, batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(os.path.join(TOKENIZERS, "toy_bert_tokenizer"))
+    return toy_bert_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def base(tokenizer, tmp_path_factory):
     """A tiny masked-LM at random initialisation, saved as a base model directory."""
-    path = tmp_path_factory.mktemp("base") / "base"
-    torch.manual_seed(0)
-    transformers.BertForMaskedLM(bert_config(len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert_base(tmp_path_factory.mktemp("base") / "base", tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -236,16 +228,6 @@ def test_the_pool_is_deduplicated_and_labelled_rows_never_come_back(trained):
 
 
 # ------------------------------------------------------------------ choosing beats chance
-
-
-def rare_class_rows(n, seed, rare):
-    """Topic sentences whose topic is "b" with probability ``rare``."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        topic = "b" if rng.random() < rare else "a"
-        rows.append({"text": topic_sentence(rng, topic), "label": topic})
-    return rows
 
 
 # A task where uncertainty matters: a pool with a rare class (10% "b") and a balanced test

@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from _finetune_fixtures import topic_rows
-from _tiny_models import bert_config
+from _finetune_fixtures import biased_rows, save_tiny_bert_base, topic_rows, toy_bert_tokenizer
 
 import fastft
 from fastft import cli
@@ -51,24 +50,18 @@ from fastft.finetuning.metrics import macro_f1
 from fastft.recipes.finetune import finetune
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-TOKENIZERS = os.path.join(os.path.dirname(__file__), "data")
 QUIET = dict(progress=False, plot=False, fused=False, batch_size=16)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(os.path.join(TOKENIZERS, "toy_bert_tokenizer"))
+    return toy_bert_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def base(tokenizer, tmp_path_factory):
     """A tiny masked-LM at random initialisation, saved as a base model directory."""
-    path = tmp_path_factory.mktemp("base") / "base"
-    torch.manual_seed(0)
-    transformers.BertForMaskedLM(bert_config(len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert_base(tmp_path_factory.mktemp("base") / "base", tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -305,33 +298,8 @@ def test_balancing_rows_and_weights():
     assert float(losses["cls"]) == pytest.approx(float(direct), rel=1e-6)
 
 
-# The constructed biased task (Waterbirds-like, Sagawa et al. 2020): a sentence's topic is
-# carried by three core words (each from the topic with probability 0.8) and a "spurious"
-# adjective that, in group x (90% of the training rows), always goes with the topic (red: a,
-# tiny: b) and in group y is reversed. Every word is one token (no length cue). Trained on
-# the imbalanced rows the model leans on the adjective: x right, y mostly wrong. Balanced by
-# group, the adjective predicts nothing and the core words carry both groups. Measured here
-# (tiny BERT at random init, 3 initialisations): accuracy gap x - y 0.58 / 0.35 / 0.46
-# unbalanced, 0.11 / 0.15 / 0.08 with balance_by="group".
-CORE = {"a": ["dog", "fox"], "b": ["cat", "bird"]}
-SPURIOUS = {("x", "a"): "red", ("x", "b"): "tiny", ("y", "a"): "tiny", ("y", "b"): "red"}
-
-
-def biased_rows(n, seed, share_y):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        group, topic = ("y" if rng.random() < share_y else "x"), rng.choice("ab")
-        other = "b" if topic == "a" else "a"
-
-        def core():
-            return rng.choice(CORE[topic if rng.random() < 0.8 else other])
-
-        spurious = SPURIOUS[group, topic]
-        text = (f"{rng.choice(['the', 'one', 'every'])} {spurious} {core()} {rng.choice(['admires', 'follows', 'ignores'])}"
-                f" {core()} {spurious} {core()} .")
-        rows.append({"text": text, "label": topic, "group": group})
-    return rows
+# The constructed biased task: tests/_finetune_fixtures.py's biased_rows (what it is, and
+# the gaps measured on it, are in its docstring).
 
 
 def test_balanced_sampling_narrows_the_gap_on_a_biased_set(base, tokenizer, tmp_path):

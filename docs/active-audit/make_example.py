@@ -29,41 +29,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-
-
-def rare_class_rows(n, seed, rare):
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from _finetune_fixtures import topic_sentence  # the topic sentences of the tests
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        topic = "b" if rng.random() < rare else "a"
-        rows.append({"text": topic_sentence(rng, topic), "label": topic})
-    return rows
-
-
-CORE = {"a": ["dog", "fox"], "b": ["cat", "bird"]}
-SPURIOUS = {("x", "a"): "red", ("x", "b"): "tiny", ("y", "a"): "tiny", ("y", "b"): "red"}
-
-
-def biased_rows(n, seed, share_y):
-    """tests/test_audit.py's constructed biased set (a topic carried by three core words, and a
-    spurious adjective aligned with it in group x, reversed in group y)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        group, topic = ("y" if rng.random() < share_y else "x"), rng.choice("ab")
-        other = "b" if topic == "a" else "a"
-
-        def core():
-            return rng.choice(CORE[topic if rng.random() < 0.8 else other])
-
-        spurious = SPURIOUS[group, topic]
-        text = (f"{rng.choice(['the', 'one', 'every'])} {spurious} {core()} {rng.choice(['admires', 'follows', 'ignores'])}"
-                f" {core()} {spurious} {core()} .")
-        rows.append({"text": text, "label": topic, "group": group})
-    return rows
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from _finetune_fixtures import biased_rows, rare_class_rows  # noqa: E402 - the tests' own tasks
 
 
 def write(path, rows):

@@ -9,6 +9,7 @@ from fastft.data.loading import rows_of
 from fastft.finetuning.tasks import Task
 from fastft.train.callbacks import Callback
 from fastft.train.evaluation import evaluate
+from fastft.train.metrics import save_panels, two_panels
 
 __all__ = ["OtherSetsEvaluation", "evaluate_sets", "plot_finetuning", "scalars"]
 
@@ -61,12 +62,7 @@ def plot_finetuning(metrics_path: str, history: list[dict], metric: str, png_pat
     held_out = [(h["step"], h["loss"]) for h in history if h["set"] == selection and h.get("loss") is not None]
     if not train and not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = two_panels()
     for points, style, label in ((train, "-", "train"), (held_out, "o-", "held-out (selection set)")):
         if points:
             ax_loss.plot(*zip(*points), style, label=label)
@@ -76,11 +72,4 @@ def plot_finetuning(metrics_path: str, history: list[dict], metric: str, png_pat
         if points:
             ax_metric.plot(*zip(*points), "o-", label=name)
     ax_metric.set(xlabel="optimizer step", ylabel=metric, title=f"{metric} per evaluation set")
-    for ax in (ax_loss, ax_metric):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+    return save_panels(fig, png_path)

@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["MetricsLog", "json_safe", "perplexity", "plot_curves"]
+__all__ = ["MetricsLog", "json_safe", "perplexity", "plot_curves", "save_panels", "two_panels"]
 
 
 def perplexity(mean_token_loss: float) -> float:
@@ -95,12 +95,7 @@ def plot_curves(metrics_path: str, png_path: str, *, perplexity_panel: bool = Tr
     eval_steps, eval_loss = _series(records, "eval_loss")
     if not train_steps and not eval_steps:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_right) = two_panels()
     if train_steps:
         ax_loss.plot(train_steps, train_loss, label="train")
     if eval_steps:
@@ -119,7 +114,25 @@ def plot_curves(metrics_path: str, png_path: str, *, perplexity_panel: bool = Tr
             steps, values = _series(records, name)
             ax_right.plot(steps, values, "o-", label=name[len("eval_"):])
         ax_right.set(xlabel="optimizer step", title="held-out metrics")
-    for ax in (ax_loss, ax_right):
+    return save_panels(fig, png_path)
+
+
+def two_panels():
+    """A figure with two side-by-side axes (matplotlib's Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, 2, figsize=(10, 4))
+
+
+def save_panels(fig, png_path: str) -> str:
+    """Grid and legend on each axis that has labelled lines, then write ``png_path`` and
+    free the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
